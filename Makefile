@@ -1,0 +1,30 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both set up .venv first.
+PY_BOOT ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.setup-done
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when the venv is missing or the pinned requirements/pyproject changed.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# laion-clap is the parity reference only; --no-deps because it pins numpy<2 (jax needs numpy>=2).
+	$(PY) -m pip install -q --no-deps laion-clap==1.1.7
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m clapjax.demo
+
+clean:
+	rm -rf $(VENV)

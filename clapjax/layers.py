@@ -1,0 +1,127 @@
+"""Small building blocks shared by every tower.
+
+Each constructor mirrors a PyTorch layer's defaults (LayerNorm eps 1e-5, exact GELU, exact
+variance) so a tower built from them equals its PyTorch twin to float round-off, and tags every
+parameter with `logical_axes` metadata that `clapjax.train.sharding` maps to mesh axes through a
+rules table. We keep our own metadata key instead of Flax's `out_sharding` so that building a
+model never needs a mesh (Flax shards `out_sharding` variables eagerly).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGICAL_AXES = "logical_axes"
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Compute/param dtypes: bf16 compute with f32 params is the usual training setting."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
+def _axes(names: Sequence[str | None]) -> dict:
+    return {LOGICAL_AXES: tuple(names)}
+
+
+def linear(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs, *,
+           prec: Precision = Precision(), use_bias: bool = True, init_std: float | None = None) -> nnx.Linear:
+    """`torch.nn.Linear(din, dout)`; the kernel is stored transposed, (din, dout)."""
+    kernel_init = (nnx.initializers.normal(init_std) if init_std is not None
+                   else nnx.initializers.lecun_normal())
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=prec.dtype, param_dtype=prec.param_dtype,
+                      kernel_init=kernel_init, kernel_metadata=_axes(axes),
+                      bias_metadata=_axes(axes[1:]), rngs=rngs)
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, *, prec: Precision = Precision(),
+               axis: str | None = "norm") -> nnx.LayerNorm:
+    """`torch.nn.LayerNorm(dim, eps)`: two-pass variance, as PyTorch computes it."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=prec.dtype,
+                         param_dtype=prec.param_dtype, scale_metadata=_axes((axis,)),
+                         bias_metadata=_axes((axis,)), rngs=rngs)
+
+
+def embed(num: int, dim: int, rngs: nnx.Rngs, *, prec: Precision = Precision(),
+          axes: tuple[str | None, str | None] = ("vocab", "embed"), init_std: float = 0.02) -> nnx.Embed:
+    return nnx.Embed(num, dim, dtype=prec.dtype, param_dtype=prec.param_dtype,
+                     embedding_init=nnx.initializers.normal(init_std),
+                     embedding_metadata=_axes(axes), rngs=rngs)
+
+
+def conv2d(cin: int, cout: int, kernel: int | tuple[int, int], rngs: nnx.Rngs, *,
+           stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+           use_bias: bool = True, prec: Precision = Precision()) -> nnx.Conv:
+    """`torch.nn.Conv2d` on NHWC inputs with explicit symmetric zero padding."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return nnx.Conv(cin, cout, (kh, kw), (sh, sw), padding=((ph, ph), (pw, pw)), use_bias=use_bias,
+                    dtype=prec.dtype, param_dtype=prec.param_dtype,
+                    kernel_metadata=_axes((None, None, "conv_in", "conv_out")),
+                    bias_metadata=_axes(("conv_out",)), rngs=rngs)
+
+
+def batch_norm(dim: int, rngs: nnx.Rngs, *, eps: float = 1e-5, prec: Precision = Precision()) -> nnx.BatchNorm:
+    """`torch.nn.BatchNorm*d(dim)`: torch momentum 0.1 is Flax momentum 0.9; eps 1e-5.
+
+    Running statistics are `nnx.BatchStat` (not trainable). Flax keeps the biased batch variance
+    in its running average where PyTorch keeps the unbiased one; that only matters in training.
+    """
+    return nnx.BatchNorm(dim, momentum=0.9, epsilon=eps, use_fast_variance=False, dtype=prec.dtype,
+                         param_dtype=prec.param_dtype, use_running_average=True,
+                         scale_metadata=_axes(("norm",)), bias_metadata=_axes(("norm",)), rngs=rngs)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """`torch.nn.GELU()`: the exact erf form (Flax's default is the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's QuickGELU: x·sigmoid(1.702·x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu, "relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
+                          dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
+                          rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Attention over (B, L, H, D) heads; q is already scaled. Softmax runs in f32 always."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        weights = dropout(weights, deterministic=deterministic, rngs=rngs)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def padding_bias(attention_mask: jax.Array) -> jax.Array:
+    """(B, L) 1/0 mask → additive (B, 1, 1, L) bias, as HF builds it: (1 - m)·finfo(f32).min."""
+    m = attention_mask.astype(jnp.float32)
+    return ((1.0 - m) * jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+
+def maybe_remat(fn, enabled: bool, policy: str | None = None):
+    """Wrap a layer call in `nnx.remat` (activation checkpointing) when asked to."""
+    if not enabled:
+        return fn
+    pol = getattr(jax.checkpoint_policies, policy) if policy else None
+    return nnx.remat(fn, policy=pol)

@@ -1,0 +1,336 @@
+"""Strict key tables between PyTorch state dicts and clapjax's NNX modules.
+
+Our module attribute names mirror the PyTorch ones, so most of a table is *derived* from the
+Flax module tree: every `nnx.Param` / `nnx.BatchStat` gets one entry whose source key is its
+dotted path with the leaf renamed the PyTorch way (`kernel`→`weight` transposed, `scale`→`weight`,
+`mean`→`running_mean`, …). Format-specific tables then rename source keys, fuse split tensors
+(HF's separate q/k/v) and list the source keys that are ignored, each with a written reason and,
+for recomputed buffers, a check that the stored value is what we recompute.
+
+Loading is all-or-nothing: every source key must be consumed or ignored, every target filled,
+every shape equal; otherwise `KeyMappingError` names every offending key and nothing is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flax import nnx
+
+Array = np.ndarray
+StateDict = Mapping[str, Array]
+
+
+class KeyMappingError(ValueError):
+    """A state dict does not fit a model: carries the full `Report`."""
+
+    def __init__(self, report: "Report"):
+        self.report = report
+        super().__init__(report.error_message())
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One target variable filled from one or more source tensors."""
+
+    target: str
+    sources: tuple[str, ...]
+    to_target: Callable[..., Array]
+    to_source: Callable[[Array], tuple[Array, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignore:
+    """Source keys (regex, full match) that are deliberately not loaded, and why.
+
+    `check(key, value, state_dict)` may raise ValueError when the stored value is not the one
+    we recompute (e.g. a different attention mask or mel filterbank: a different model).
+    """
+
+    pattern: str
+    reason: str
+    check: Callable[[str, Array, StateDict], None] | None = None
+
+    def matches(self, key: str) -> bool:
+        return re.fullmatch(self.pattern, key) is not None
+
+
+# --- per-layer conversions ---------------------------------------------------------------
+
+def _identity(x: Array) -> Array:
+    return x
+
+
+def _linear_to_flax(w: Array) -> Array:
+    return np.ascontiguousarray(np.asarray(w).T)
+
+
+def _conv_to_flax(w: Array) -> Array:
+    # torch (O, I, *k) -> flax (*k, I, O)
+    nd = w.ndim
+    return np.ascontiguousarray(np.transpose(w, tuple(range(2, nd)) + (1, 0)))
+
+
+def _conv_to_torch(k: Array) -> Array:
+    nd = k.ndim
+    return np.ascontiguousarray(np.transpose(k, (nd - 1, nd - 2) + tuple(range(nd - 2))))
+
+
+# leaf renames by owning layer type: flax leaf -> (torch leaf, to_flax, to_torch)
+_LEAF_RULES: dict[type, dict[str, tuple[str, Callable, Callable]]] = {
+    nnx.Linear: {"kernel": ("weight", _linear_to_flax, _linear_to_flax), "bias": ("bias", _identity, _identity)},
+    nnx.Conv: {"kernel": ("weight", _conv_to_flax, _conv_to_torch), "bias": ("bias", _identity, _identity)},
+    nnx.LayerNorm: {"scale": ("weight", _identity, _identity), "bias": ("bias", _identity, _identity)},
+    nnx.BatchNorm: {"scale": ("weight", _identity, _identity), "bias": ("bias", _identity, _identity),
+                    "mean": ("running_mean", _identity, _identity), "var": ("running_var", _identity, _identity)},
+    nnx.Embed: {"embedding": ("weight", _identity, _identity)},
+}
+
+LOADABLE = (nnx.Param, nnx.BatchStat)
+
+
+def _path_str(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def target_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Dotted path → variable, for every loadable (Param / BatchStat) variable of `model`."""
+    return {_path_str(p): v for p, v in nnx.iter_graph(model)
+            if isinstance(v, LOADABLE) and v.get_value() is not None}
+
+
+def derive_entries(model: nnx.Module, rename: Callable[[str], str] = _identity) -> list[Entry]:
+    """One entry per loadable variable; `rename` maps the PyTorch-style key to the source key."""
+    owners = {tuple(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+    entries = []
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, LOADABLE) or var.get_value() is None:
+            continue
+        owner, leaf = owners.get(tuple(path[:-1])), path[-1]
+        rule = next((r for t, r in _LEAF_RULES.items() if isinstance(owner, t)), None)
+        if rule is not None:
+            if leaf not in rule:
+                raise TypeError(f"no key rule for {type(owner).__name__}.{leaf} at {_path_str(path)}")
+            tleaf, to_t, to_s = rule[leaf]
+        else:  # a bare parameter of one of our modules: same name, same layout
+            tleaf, to_t, to_s = leaf, _identity, _identity
+        src = rename(_path_str(list(path[:-1]) + [tleaf]))
+        entries.append(Entry(_path_str(path), (src,), to_t, (lambda f: (lambda x: (f(x),)))(to_s)))
+    return entries
+
+
+@dataclasses.dataclass
+class KeyTable:
+    entries: list[Entry]
+    ignores: list[Ignore] = dataclasses.field(default_factory=list)
+
+    def replace(self, overrides: Iterable[Entry]) -> "KeyTable":
+        """Swap the entries whose target an override names (e.g. fused qkv from split q/k/v)."""
+        overrides = list(overrides)
+        by_target = {e.target: e for e in overrides}
+        unknown = set(by_target) - {e.target for e in self.entries}
+        if unknown:
+            raise KeyError(f"override targets not in the model: {sorted(unknown)}")
+        return KeyTable([by_target.get(e.target, e) for e in self.entries], list(self.ignores))
+
+    def prefixed(self, target_prefix: str, source_prefix: str) -> "KeyTable":
+        """The same table for a sub-module mounted at `target_prefix` (targets) / `source_prefix`."""
+        def tp(k):
+            return f"{target_prefix}.{k}" if target_prefix else k
+
+        def sp(k):
+            return f"{source_prefix}{k}"
+        ents = [dataclasses.replace(e, target=tp(e.target), sources=tuple(sp(s) for s in e.sources))
+                for e in self.entries]
+        igs = [dataclasses.replace(i, pattern=re.escape(source_prefix) + i.pattern,
+                                   check=_prefixed_check(i.check, source_prefix)) for i in self.ignores]
+        return KeyTable(ents, igs)
+
+    def __add__(self, other: "KeyTable") -> "KeyTable":
+        return KeyTable(self.entries + other.entries, self.ignores + other.ignores)
+
+    def source_keys(self) -> list[str]:
+        return [s for e in self.entries for s in e.sources]
+
+
+def _prefixed_check(check, prefix):
+    if check is None:
+        return None
+
+    def wrapped(key, value, sd):
+        inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        return check(key[len(prefix):], value, inner)
+    return wrapped
+
+
+# --- the report ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Report:
+    consumed: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> target
+    ignored: dict[str, str] = dataclasses.field(default_factory=dict)   # source -> reason
+    missing: list[str] = dataclasses.field(default_factory=list)        # absent source keys (target in brackets)
+    unexpected: list[str] = dataclasses.field(default_factory=list)     # source keys nobody takes
+    mismatched: list[str] = dataclasses.field(default_factory=list)     # "key: expected (..) got (..)"
+    invalid: list[str] = dataclasses.field(default_factory=list)        # ignored buffers whose value is wrong
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched or self.invalid)
+
+    def by_branch(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+
+        def bump(key, kind):
+            branch = key.split(".", 1)[0].split(" ", 1)[0]
+            out.setdefault(branch, dict.fromkeys(
+                ["consumed", "ignored", "missing", "unexpected", "mismatched", "invalid"], 0))[kind] += 1
+        for kind in ("consumed", "ignored"):
+            for k in getattr(self, kind):
+                bump(k, kind)
+        for kind in ("missing", "unexpected", "mismatched", "invalid"):
+            for k in getattr(self, kind):
+                bump(k, kind)
+        return dict(sorted(out.items()))
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        d["by_branch"] = self.by_branch()
+        return json.dumps(d, indent=2)
+
+    def summary(self) -> str:
+        lines = [f"{'branch':<22}{'consumed':>9}{'ignored':>9}{'missing':>9}{'unexpected':>11}{'mismatch':>9}"]
+        for b, c in self.by_branch().items():
+            lines.append(f"{b:<22}{c['consumed']:>9}{c['ignored']:>9}{c['missing']:>9}{c['unexpected']:>11}"
+                         f"{c['mismatched'] + c['invalid']:>9}")
+        reasons: dict[str, int] = {}
+        for r in self.ignored.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        for r, n in reasons.items():
+            lines.append(f"  ignored {n:>4} × {r}")
+        return "\n".join(lines)
+
+    def error_message(self) -> str:
+        parts = ["state dict does not match the model:"]
+        for kind in ("missing", "unexpected", "mismatched", "invalid"):
+            keys = getattr(self, kind)
+            if keys:
+                parts.append(f"  {kind} ({len(keys)}):")
+                parts.extend(f"    {k}" for k in keys)
+        return "\n".join(parts)
+
+
+# --- matching ------------------------------------------------------------------------------
+
+def match(state_dict: StateDict, table: KeyTable,
+          target_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Report, dict[str, Array]]:
+    """Map `state_dict` through `table` onto targets of the given shapes; never raises for data."""
+    rep = Report()
+    claimed: dict[str, str] = {}
+    for e in table.entries:
+        for s in e.sources:
+            if s in claimed:
+                raise ValueError(f"key table bug: {s} claimed by {claimed[s]} and {e.target}")
+            claimed[s] = e.target
+    untabled = sorted(set(target_shapes) - {e.target for e in table.entries})
+    rep.missing.extend(f"<no table entry> [{t}]" for t in untabled)
+
+    values: dict[str, Array] = {}
+    for e in table.entries:
+        absent = [s for s in e.sources if s not in state_dict]
+        if absent:
+            rep.missing.extend(f"{s} [{e.target}]" for s in absent)
+            continue
+        if e.target not in target_shapes:
+            rep.unexpected.extend(f"{s} [no target {e.target}]" for s in e.sources)
+            continue
+        srcs = [np.asarray(state_dict[s]) for s in e.sources]
+        try:
+            val = e.to_target(*srcs)
+        except Exception as err:  # a reshape that cannot happen is a shape mismatch
+            val, why = None, f"{type(err).__name__}: {err}"
+        want = tuple(target_shapes[e.target])
+        if val is None or tuple(val.shape) != want:
+            got = [tuple(x.shape) for x in srcs]
+            rep.mismatched.append(f"{', '.join(e.sources)}: expected {want} for {e.target}, got "
+                                  f"{got if len(got) > 1 else got[0]}" + ("" if val is not None else f" ({why})"))
+            continue
+        for s in e.sources:
+            rep.consumed[s] = e.target
+        values[e.target] = val
+
+    for key in state_dict:
+        if key in claimed:
+            continue
+        rule = next((i for i in table.ignores if i.matches(key)), None)
+        if rule is None:
+            rep.unexpected.append(key)
+            continue
+        if rule.check is not None:
+            try:
+                rule.check(key, np.asarray(state_dict[key]), state_dict)
+            except ValueError as err:
+                rep.invalid.append(f"{key}: {err}")
+                continue
+        rep.ignored[key] = rule.reason
+    return rep, values
+
+
+def load_state_dict(model: nnx.Module, state_dict: StateDict, table: KeyTable) -> Report:
+    """Fill `model` in place from `state_dict`, or raise `KeyMappingError` and change nothing."""
+    targets = target_variables(model)
+    rep, values = match(state_dict, table, {k: tuple(v.shape) for k, v in targets.items()})
+    if not rep.ok:
+        raise KeyMappingError(rep)
+    for k, var in targets.items():
+        var.set_value(np.asarray(values[k], dtype=var.get_value().dtype))
+    return rep
+
+
+def export_state_dict(model: nnx.Module, table: KeyTable) -> dict[str, Array]:
+    """The inverse: our variables written back under the source layout's keys."""
+    targets = target_variables(model)
+    missing = sorted(set(targets) - {e.target for e in table.entries})
+    if missing:
+        raise KeyError(f"variables with no table entry: {missing}")
+    out: dict[str, Array] = {}
+    for e in table.entries:
+        arrays = e.to_source(np.asarray(targets[e.target].get_value()))
+        out.update(zip(e.sources, arrays))
+    return out
+
+
+# --- helpers for format tables ----------------------------------------------------------------
+
+def fused_linear(target: str, sources: Sequence[str], leaf: str) -> Entry:
+    """A fused projection (our qkv kernel/bias) from split PyTorch Linears (HF query/key/value)."""
+    n = len(sources)
+    if leaf == "kernel":
+        def to_t(*ws):
+            return np.ascontiguousarray(np.concatenate(ws, axis=0).T)
+
+        def to_s(k):
+            return tuple(np.ascontiguousarray(w) for w in np.split(k.T, n, axis=0))
+    else:
+        def to_t(*bs):
+            return np.concatenate(bs, axis=0)
+
+        def to_s(b):
+            return tuple(np.ascontiguousarray(x) for x in np.split(b, n, axis=0))
+    return Entry(target, tuple(sources), to_t, to_s)
+
+
+def expect_equal(expected: Callable[[str, StateDict], Array], what: str, atol: float = 0.0):
+    """An `Ignore.check` that the stored buffer equals the value we recompute."""
+    def check(key: str, value: Array, sd: StateDict) -> None:
+        want = np.asarray(expected(key, sd))
+        if value.shape != want.shape:
+            raise ValueError(f"{what}: shape {value.shape}, expected {want.shape}")
+        diff = float(np.max(np.abs(value.astype(np.float64) - want.astype(np.float64)))) if value.size else 0.0
+        if diff > atol:
+            raise ValueError(f"{what}: differs from the recomputed value by {diff:.3g} (> {atol})")
+    return check
