@@ -1,0 +1,271 @@
+"""The audio front end: waveform → log-mel spectrogram, and HTSAT's spectrogram → image reshape.
+
+Everything here equals LAION-CLAP's PyTorch front end to float32 round-off:
+
+* `stft_power` / `log_mel` with the Slaney bank = torchlibrosa `Spectrogram` + `LogmelFilterBank`, the
+  in-model front end of every HTSAT/PANN tower (and HF `ClapFeatureExtractor` with `rand_trunc`);
+* with the HTK bank = torchaudio `MelSpectrogram(norm=None)` + `AmplitudeToDB`, LAION's `get_mel` for
+  fusion inputs (and HF's `fusion` path);
+* `reshape_wav2img` = HTSAT's `reshape_wav2img` (bicubic time resize 1001 → 1024, then 4 time chunks
+  stacked along frequency).
+
+The filterbanks, the STFT kernels and the bicubic matrices are built on the host in float64 and cast
+once to float32; the transforms are jit-able JAX functions that run batched on the device. Matmuls
+pin `Precision.HIGHEST` because XLA on GPU would otherwise use TF32 for float32 and lose ~3 digits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MelKind = Literal["slaney", "htk"]
+_HIGHEST = jax.lax.Precision.HIGHEST
+AMIN = 1e-10  # power floor of both torchlibrosa's power_to_db and torchaudio's AmplitudeToDB
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontEndConfig:
+    """LAION's `audio_cfg` front-end fields; `window_size` is both n_fft and the window length."""
+
+    sample_rate: int = 48000
+    window_size: int = 1024
+    hop_size: int = 480
+    mel_bins: int = 64
+    fmin: float = 50.0
+    fmax: float = 14000.0
+    clip_samples: int = 480000
+
+    def __post_init__(self):
+        for name in ("sample_rate", "window_size", "hop_size", "mel_bins", "clip_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"FrontEndConfig.{name} must be a positive int, got {v!r}")
+        if not 0.0 <= self.fmin < self.fmax <= self.sample_rate / 2:
+            raise ValueError(f"FrontEndConfig needs 0 <= fmin < fmax <= sample_rate/2, got fmin={self.fmin}, "
+                             f"fmax={self.fmax}, sample_rate={self.sample_rate}")
+
+    @property
+    def n_fft(self) -> int:
+        return self.window_size
+
+    @property
+    def n_freqs(self) -> int:
+        return self.window_size // 2 + 1
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames of one centred STFT over `clip_samples` (480000 → 1001)."""
+        return self.clip_samples // self.hop_size + 1
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop_size + 1
+
+    @classmethod
+    def from_laion(cls, audio_cfg: Mapping) -> "FrontEndConfig":
+        """From a LAION model config's `audio_cfg` dict (extra keys such as class_num are ignored)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in audio_cfg]
+        if missing:
+            raise ValueError(f"audio_cfg lacks front-end keys {missing}")
+        return cls(**{n: (float(audio_cfg[n]) if n in ("fmin", "fmax") else int(audio_cfg[n])) for n in names})
+
+
+# --- host-side constants (float64 numpy, cast once) ------------------------------------------
+
+def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
+    """Slaney's Auditory Toolbox scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    safe = np.maximum(f, min_log_hz)  # keep log() away from 0; those entries take the linear branch
+    return np.where(f >= min_log_hz, min_log_mel + np.log(safe / min_log_hz) / logstep, f / f_sp)
+
+
+def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def _hz_to_mel_htk(f):
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz_htk(m):
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+def mel_filterbank(cfg: FrontEndConfig, kind: MelKind = "slaney") -> np.ndarray:
+    """Triangular mel filters, (n_fft//2+1, mel_bins) float32, to right-multiply a power spectrum.
+
+    'slaney': Slaney scale with area normalisation 2/(f[i+2]-f[i]) = librosa.filters.mel defaults =
+    torchlibrosa's `melW`. 'htk': HTK scale, peak 1, no normalisation = torchaudio's default bank.
+    """
+    if kind == "slaney":
+        to_mel, to_hz = _hz_to_mel_slaney, _mel_to_hz_slaney
+    elif kind == "htk":
+        to_mel, to_hz = _hz_to_mel_htk, _mel_to_hz_htk
+    else:
+        raise ValueError(f"unknown mel filterbank kind {kind!r}; expected 'slaney' or 'htk'")
+    fft_hz = np.arange(cfg.n_freqs, dtype=np.float64) * (cfg.sample_rate / cfg.n_fft)
+    edges_hz = to_hz(np.linspace(to_mel(cfg.fmin), to_mel(cfg.fmax), cfg.mel_bins + 2))
+    widths = np.diff(edges_hz)                                   # (mel_bins+1,)
+    dist = edges_hz[:, None] - fft_hz[None, :]                   # (mel_bins+2, n_freqs)
+    rising = -dist[:-2] / widths[:-1, None]
+    falling = dist[2:] / widths[1:, None]
+    bank = np.maximum(0.0, np.minimum(rising, falling))          # (mel_bins, n_freqs)
+    if kind == "slaney":
+        bank *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return np.ascontiguousarray(bank.T.astype(np.float32))
+
+
+def hann_window(n: int) -> np.ndarray:
+    """Periodic ("fftbins") Hann window, float64: scipy/librosa `hann` and `torch.hann_window`."""
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+
+
+def stft_kernels(cfg: FrontEndConfig) -> tuple[np.ndarray, np.ndarray]:
+    """torchlibrosa's STFT Conv1d weights, each (n_fft//2+1, 1, n_fft) float32.
+
+    real[k, 0, n] = cos(2πkn/N)·w[n], imag[k, 0, n] = −sin(2πkn/N)·w[n]: what checkpoints store as
+    `spectrogram_extractor.stft.conv_real.weight` / `conv_imag.weight`. Reducing k·n mod N keeps the
+    angle exact before the trig functions.
+    """
+    n = cfg.n_fft
+    kn = np.mod(np.outer(np.arange(cfg.n_freqs), np.arange(n)), n).astype(np.float64)
+    angle = 2.0 * np.pi * kn / n
+    w = hann_window(n)[None, :]
+    real = (np.cos(angle) * w).astype(np.float32)[:, None, :]
+    imag = (-np.sin(angle) * w).astype(np.float32)[:, None, :]
+    return real, imag
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_bank(cfg: FrontEndConfig, kind: str) -> np.ndarray:
+    bank = mel_filterbank(cfg, kind)
+    bank.flags.writeable = False
+    return bank
+
+
+# --- device-side transforms ------------------------------------------------------------------
+
+def _as_batch(waveform) -> jax.Array:
+    x = jnp.asarray(waveform)
+    if x.ndim != 2:
+        raise ValueError(f"waveform must be (batch, samples), got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"waveform must be floating point, got {x.dtype}")
+    return x
+
+
+def frame_signal(waveform, cfg: FrontEndConfig) -> jax.Array:
+    """Centre reflect-pad by n_fft//2 and cut (B, T, n_fft) frames every hop samples."""
+    x = _as_batch(waveform)
+    pad = cfg.n_fft // 2
+    if x.shape[1] <= pad:
+        raise ValueError(f"waveform of {x.shape[1]} samples is too short for reflect padding by {pad} "
+                         f"(needs more than n_fft//2 samples)")
+    x = jnp.pad(x, ((0, 0), (pad, pad)), mode="reflect")  # torch/numpy 'reflect': edge not repeated
+    n_frames = (x.shape[1] - cfg.n_fft) // cfg.hop_size + 1
+    idx = np.arange(n_frames)[:, None] * cfg.hop_size + np.arange(cfg.n_fft)[None, :]
+    return x[:, idx]
+
+
+def stft_power(waveform, cfg: FrontEndConfig) -> jax.Array:
+    """|STFT|² of a (B, N) batch: (B, N//hop + 1, n_fft//2+1), periodic Hann, centre reflect padding.
+
+    Uses the FFT rather than torchlibrosa's direct-DFT convolution: same values (the DFT is the DFT),
+    a fraction of the flops, and its round-off is far below the float32 noise of the reference.
+    """
+    frames = frame_signal(waveform, cfg)
+    dtype = jnp.promote_types(frames.dtype, jnp.float32)
+    window = jnp.asarray(hann_window(cfg.n_fft), dtype)
+    spec = jnp.fft.rfft(frames.astype(dtype) * window, n=cfg.n_fft, axis=-1)
+    return jnp.square(spec.real) + jnp.square(spec.imag)
+
+
+def power_to_db(power: jax.Array) -> jax.Array:
+    """10·log10(max(power, 1e-10)) with ref 1 and no top_db (torchlibrosa and torchaudio settings)."""
+    return 10.0 * jnp.log10(jnp.maximum(power, AMIN))
+
+
+def mel_power(waveform, cfg: FrontEndConfig, kind: MelKind = "slaney") -> jax.Array:
+    """Mel-band power (B, T, mel_bins): the STFT power projected on the mel filterbank."""
+    power = stft_power(waveform, cfg)
+    bank = jnp.asarray(_cached_bank(cfg, kind), power.dtype)
+    return jnp.matmul(power, bank, precision=_HIGHEST)
+
+
+def log_mel(waveform, cfg: FrontEndConfig, kind: MelKind = "slaney") -> jax.Array:
+    """Log-mel spectrogram in dB, (B, T, mel_bins); T = N//hop + 1 (480000 samples → 1001 frames)."""
+    return power_to_db(mel_power(waveform, cfg, kind))
+
+
+# --- HTSAT's spectrogram → image reshape ------------------------------------------------------
+
+def _keys_cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel with PyTorch's A = −0.75, for |t| < 2."""
+    t = np.abs(t)
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    far = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a
+    return np.where(t <= 1.0, near, np.where(t < 2.0, far, 0.0))
+
+
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix M with M @ x = PyTorch bicubic resize of x, align_corners=True.
+
+    Source position of output i is i·(n_in−1)/(n_out−1); the four taps floor−1..floor+2 take Keys
+    weights (A = −0.75) and taps beyond the edges are clamped onto the border samples, as
+    `upsample_bicubic2d` does. Equal sizes give the identity.
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"bicubic_matrix needs positive sizes, got n_in={n_in}, n_out={n_out}")
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    for i in range(n_out):
+        src = i * scale
+        base = int(np.floor(src))
+        frac = src - base
+        for tap in range(-1, 3):
+            m[i, min(max(base + tap, 0), n_in - 1)] += _keys_cubic(np.array(tap - frac))
+    return m.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_bicubic(n_in: int, n_out: int) -> np.ndarray:
+    mat = bicubic_matrix(n_in, n_out)
+    mat.flags.writeable = False
+    return mat
+
+
+def reshape_wav2img(x, spec_size: int = 256, freq_ratio: int = 4) -> jax.Array:
+    """LAION HTSAT's `reshape_wav2img`: (B, C, T, F) log-mel → (B, C, spec_size, spec_size) image.
+
+    Time is bicubic-resized to spec_size·freq_ratio (1001 → 1024) and frequency to
+    spec_size//freq_ratio when shorter (each only when smaller, as HTSAT does; longer inputs are
+    refused, as HTSAT asserts). Then img[b, c, k·F + f, t] = spec[b, c, k·W + t, f] for time chunk
+    k < freq_ratio and W = T/freq_ratio: the chunks are stacked along the frequency (row) axis.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"reshape_wav2img expects (B, C, T, F), got shape {x.shape}")
+    _, _, t, f = x.shape
+    target_t, target_f = spec_size * freq_ratio, spec_size // freq_ratio
+    if t > target_t or f > target_f:
+        raise ValueError(f"spectrogram of {t} frames × {f} bins exceeds HTSAT's {target_t} × {target_f} input")
+    if t < target_t:
+        x = jnp.einsum("ot,bctf->bcof", jnp.asarray(_cached_bicubic(t, target_t), x.dtype), x,
+                       precision=_HIGHEST)
+    if f < target_f:
+        x = jnp.einsum("of,bctf->bcto", jnp.asarray(_cached_bicubic(f, target_f), x.dtype), x,
+                       precision=_HIGHEST)
+    b, c = x.shape[:2]
+    x = x.reshape(b, c, freq_ratio, target_t // freq_ratio, target_f)  # (B, C, chunk, t, f)
+    x = jnp.transpose(x, (0, 1, 2, 4, 3))                               # (B, C, chunk, f, t)
+    return x.reshape(b, c, freq_ratio * target_f, target_t // freq_ratio)
