@@ -209,31 +209,48 @@ def log_mel(waveform, cfg: FrontEndConfig, kind: MelKind = "slaney") -> jax.Arra
 
 # --- HTSAT's spectrogram → image reshape ------------------------------------------------------
 
-def _keys_cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """Keys' cubic convolution kernel with PyTorch's A = −0.75, for |t| < 2."""
-    t = np.abs(t)
-    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
-    far = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a
-    return np.where(t <= 1.0, near, np.where(t < 2.0, far, 0.0))
+def _cubic_coefficients(t: np.ndarray, a: float = -0.75) -> list[np.ndarray]:
+    """Keys' cubic weights (A = −0.75) of taps −1, 0, 1, 2 for fractions t, evaluated with the same
+    formulas, in t's dtype and with the same roundings as PyTorch's CPU `get_cubic_upsample_coefficients`.
+
+    PyTorch's x86-64 build contracts the middle step `u·x + 8A` of the outer-tap polynomial into
+    one fused multiply-add; we round that step once too (float64 holds the exact float32 product),
+    which makes the weights bit-identical to torch's (plain float32 steps are 4 ulp off there).
+    """
+    dt = t.dtype.type
+    a, one = dt(a), dt(1)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + one
+
+    def far(x):   # 1 < |x| < 2
+        u = a * x - dt(5) * a
+        v = (u.astype(np.float64) * x + np.float64(dt(8) * a)).astype(dt)  # the fused step
+        return v * x - dt(4) * a
+    return [far(t + one), near(t), near(one - t), far((one - t) + one)]
 
 
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+def bicubic_matrix(n_in: int, n_out: int, position_dtype=np.float32) -> np.ndarray:
     """(n_out, n_in) float32 matrix M with M @ x = PyTorch bicubic resize of x, align_corners=True.
 
     Source position of output i is i·(n_in−1)/(n_out−1); the four taps floor−1..floor+2 take Keys
     weights (A = −0.75) and taps beyond the edges are clamped onto the border samples, as
-    `upsample_bicubic2d` does. Equal sizes give the identity.
+    `upsample_bicubic2d` does. PyTorch computes the scale, the positions, their fractions and the
+    weights in the input's own dtype (float32 for HTSAT); doing the same (`position_dtype`) matters:
+    float64 positions would move 1001→1024 outputs by up to 3e-4. Equal sizes give the identity.
     """
     if n_in < 1 or n_out < 1:
         raise ValueError(f"bicubic_matrix needs positive sizes, got n_in={n_in}, n_out={n_out}")
+    dt = np.dtype(position_dtype).type
+    scale = dt(n_in - 1) / dt(n_out - 1) if n_out > 1 else dt(0)
+    src = scale * np.arange(n_out).astype(dt)                      # rounded like PyTorch's
+    base = np.clip(np.floor(src), 0, n_in - 1)                     # guard_index_and_lambda
+    frac = np.clip(src - base.astype(dt), dt(0), dt(1)).astype(dt)
+    base = base.astype(np.int64)
     m = np.zeros((n_out, n_in), dtype=np.float64)
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    for i in range(n_out):
-        src = i * scale
-        base = int(np.floor(src))
-        frac = src - base
-        for tap in range(-1, 3):
-            m[i, min(max(base + tap, 0), n_in - 1)] += _keys_cubic(np.array(tap - frac))
+    rows = np.arange(n_out)
+    for tap, w in zip(range(-1, 3), _cubic_coefficients(frac)):
+        np.add.at(m, (rows, np.clip(base + tap, 0, n_in - 1)), w.astype(np.float64))
     return m.astype(np.float32)
 
 
