@@ -1,0 +1,131 @@
+"""CLIP text transformer (LAION-CLAP `tmodel='transformer'`).
+
+LAION builds it from pieces that live on the CLAP module itself (`token_embedding`,
+`positional_embedding`, `ln_final`, the causal `attn_mask` buffer) plus `text_branch =
+Transformer(width, layers, heads)` of pre-LN `ResidualAttentionBlock`s. We keep the pieces together
+in one tower with the same attribute names; the CLAP-level key table moves the three top-level keys
+into it. The pooled feature is the token at the highest id of each row (CLIP's EOT token).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clapjax import layers as L
+from clapjax.text.bert import TextOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTextConfig:
+    """LAION's `text_cfg` for `tmodel='transformer'` (width 512, 12 layers, 8 heads, 77 tokens)."""
+
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    act: str = "gelu"  # 'gelu' (LAION's default, exact) or 'quick_gelu' (OpenAI's CLIP)
+    layer_norm_eps: float = 1e-5
+    remat: bool = False
+    remat_policy: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        if self.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {self.act!r}")
+
+    @classmethod
+    def from_laion(cls, text_cfg: dict, quick_gelu: bool = False, **kw) -> "ClipTextConfig":
+        return cls(vocab_size=text_cfg["vocab_size"], context_length=text_cfg["context_length"],
+                   width=text_cfg["width"], heads=text_cfg["heads"], layers=text_cfg["layers"],
+                   act="quick_gelu" if quick_gelu else "gelu", **kw)
+
+    @property
+    def precision(self) -> L.Precision:
+        return L.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+
+
+class MultiheadAttention(nnx.Module):
+    """`torch.nn.MultiheadAttention` (batch_first=False in torch; we are batch-major): the packed
+    `in_proj` holds q, k, v stacked on the output axis, as torch's `in_proj_weight` does."""
+
+    def __init__(self, width: int, heads: int, rngs: nnx.Rngs, prec: L.Precision):
+        self.num_heads = heads
+        self.in_proj = L.linear(width, 3 * width, ("embed", "qkv"), rngs, prec=prec)
+        self.out_proj = L.linear(width, width, ("heads", "embed"), rngs, prec=prec)
+
+    def __call__(self, x, bias):
+        b, n, d = x.shape
+        h = self.num_heads
+        hd = d // h
+        q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
+        q = q.reshape(b, n, h, hd) * (hd ** -0.5)
+        out = L.dot_product_attention(q, k.reshape(b, n, h, hd), v.reshape(b, n, h, hd), bias)
+        return self.out_proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, width: int, act: str, rngs: nnx.Rngs, prec: L.Precision):
+        self.c_fc = L.linear(width, 4 * width, ("embed", "mlp"), rngs, prec=prec)
+        self.c_proj = L.linear(4 * width, width, ("mlp", "embed"), rngs, prec=prec)
+        self.act = L.activation(act)
+
+    def __call__(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nnx.Module):
+    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs):
+        p = cfg.precision
+        self.ln_1 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
+        self.attn = MultiheadAttention(cfg.width, cfg.heads, rngs, p)
+        self.ln_2 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
+        self.mlp = Mlp(cfg.width, cfg.act, rngs, p)
+
+    def __call__(self, x, bias):
+        x = x + self.attn(self.ln_1(x), bias)
+        return x + self.mlp(self.ln_2(x))
+
+
+def causal_bias(n: int) -> np.ndarray:
+    """LAION's `attn_mask`: −inf strictly above the diagonal, 0 elsewhere, (n, n)."""
+    return np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+
+
+class ClipTextTransformer(nnx.Module):
+    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs):
+        p = cfg.precision
+        self.cfg = cfg
+        self.token_embedding = L.embed(cfg.vocab_size, cfg.width, rngs, prec=p, init_std=0.02)
+        self.positional_embedding = nnx.Param(
+            nnx.initializers.normal(0.01)(rngs.params(), (cfg.context_length, cfg.width), p.param_dtype),
+            logical_axes=("pos", "embed"))
+        self.resblocks = nnx.List([ResidualAttentionBlock(cfg, rngs) for _ in range(cfg.layers)])
+        self.ln_final = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
+                 rngs=None) -> TextOutput:
+        # LAION's CLIP tower uses neither a padding mask nor token types: the causal mask already
+        # hides everything after the EOT token, which is where the feature is read.
+        del attention_mask, token_type_ids, deterministic, rngs
+        input_ids = jnp.asarray(input_ids)
+        n = input_ids.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"{n} tokens exceed the context length {self.cfg.context_length}")
+        x = self.token_embedding(input_ids) + self.positional_embedding[...][:n].astype(self.cfg.precision.dtype)
+        bias = jnp.asarray(causal_bias(n))[None, None]
+
+        def run(block, x):
+            return block(x, bias)
+        run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
+        for block in self.resblocks:
+            x = run(block, x)
+        x = self.ln_final(x)
+        eot = jnp.argmax(input_ids, axis=-1)
+        return TextOutput(x, jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
