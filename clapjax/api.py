@@ -1,0 +1,141 @@
+"""Inference with the names laion_clap users know (`CLAP_Module` → `clapjax.CLAP`).
+
+    clap = clapjax.CLAP.from_pretrained("converted/", tokenizer="tokenizer/")
+    a = clap.get_audio_embedding_from_filelist(["dog.wav", "rain.flac"])   # (N, 512), L2-normalised
+    t = clap.get_text_embedding(["a dog barks", "rain falls"])             # (N, 512)
+
+NumPy in, NumPy out. Batches are padded to a few fixed sizes so one compile serves any count,
+and JAX's persistent compilation cache is on by default, so a second process starts warm.
+Long clips are cropped (or, for fused models, chunked) at random as LAION does when `rng` is
+given (an int seed, `np.random.Generator` or `RandomState`); `rng=None` is deterministic: the
+crop starts at the beginning of the clip and fusion chunks take the first start of each third.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clapjax.audio import io as audio_io
+from clapjax.model import CLAPModel
+from clapjax.tokenizer import Tokenizer
+
+BATCH_SIZES = (1, 8, 32)  # a request is cut into chunks of the largest size and padded up to one of these
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clapjax", "jax_cache")
+
+
+def enable_compilation_cache(path: str | None = DEFAULT_CACHE) -> None:
+    """Turn on JAX's persistent compilation cache at `path` (None leaves JAX's setting alone)."""
+    if path is None:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _as_rng(rng):
+    if rng is None or isinstance(rng, (np.random.Generator, np.random.RandomState)):
+        return rng
+    if isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"rng must be None, an int seed, a numpy Generator or RandomState; got {type(rng).__name__}")
+
+
+def _padded_size(n: int, sizes: Sequence[int]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+class CLAP:
+    def __init__(self, model: CLAPModel, tokenizer: Tokenizer | None = None, *,
+                 batch_sizes: Sequence[int] = BATCH_SIZES):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        self.config = model.config
+        graphdef, state = nnx.split(model)
+        self._state = state
+
+        @jax.jit
+        def audio_fn(state, batch):
+            return nnx.merge(graphdef, state).get_audio_embedding(batch)
+
+        @jax.jit
+        def text_fn(state, batch):
+            return nnx.merge(graphdef, state).get_text_embedding(batch)
+        self._audio_fn, self._text_fn = audio_fn, text_fn
+
+    @classmethod
+    def from_pretrained(cls, directory: str, tokenizer: str | Tokenizer | None = None, *, sharding=None,
+                        compilation_cache: str | None = DEFAULT_CACHE, **kw) -> "CLAP":
+        """A checkpoint written by `clapjax convert` (and optionally a local tokenizer directory)."""
+        from clapjax.convert import checkpoint
+        enable_compilation_cache(compilation_cache)
+        model = checkpoint.restore(directory, sharding)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            kind = model.config.tmodel
+            tokenizer = Tokenizer(tokenizer, kind=kind, max_length=getattr(model.config.text, "context_length", 77))
+        return cls(model, tokenizer, **kw)
+
+    # --- batching ---------------------------------------------------------------------------------
+    def _run(self, fn, batch: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(batch.values())))
+        step = self.batch_sizes[-1]
+        out = []
+        for start in range(0, n, step):
+            chunk = {k: v[start:start + step] for k, v in batch.items()}
+            m = len(next(iter(chunk.values())))
+            size = _padded_size(m, self.batch_sizes)
+            padded = {k: np.concatenate([v, np.repeat(v[-1:], size - m, axis=0)]) if size > m else v
+                      for k, v in chunk.items()}
+            out.append(np.asarray(fn(self._state, padded))[:m])
+        return np.concatenate(out)
+
+    # --- audio ------------------------------------------------------------------------------------
+    def audio_batch(self, waveforms: Sequence[np.ndarray], rng=None, *, quantize: bool = True) -> dict:
+        """LAION's preprocessing of 48 kHz mono clips → the model's audio input dict."""
+        if len(waveforms) == 0:
+            raise ValueError("no audio given")
+        rng = _as_rng(rng)
+        fused = self.config.enable_fusion
+        clips = [audio_io.quantize_int16(w) if quantize else audio_io.check_waveform(w) for w in waveforms]
+        feats = audio_io.batch_audio_features(
+            clips, self.config.frontend, truncating="fusion" if fused else "rand_trunc", filling="repeatpad",
+            rng=rng, mode="laion", crop_mode="random" if rng is not None else "start")
+        if fused:
+            return {"mel_fusion": feats["mel_fusion"].astype(np.float32), "longer": feats["longer"]}
+        return {"waveform": feats["waveform"]}
+
+    def get_audio_embedding_from_data(self, x: Iterable[np.ndarray], rng=None, *, quantize: bool = True) -> np.ndarray:
+        """Mono 48 kHz waveforms (an (N, T) array or a list of 1-D arrays) → (N, D) embeddings."""
+        waveforms = list(x) if not isinstance(x, np.ndarray) or x.ndim != 1 else [x]
+        return self._run(self._audio_fn, self.audio_batch(waveforms, rng, quantize=quantize))
+
+    def get_audio_embedding_from_filelist(self, x: Iterable[str], rng=None) -> np.ndarray:
+        """Audio files of any rate / channel count / length → (N, D) embeddings."""
+        paths = [x] if isinstance(x, (str, os.PathLike)) else list(x)
+        sr = self.config.frontend.sample_rate
+        return self.get_audio_embedding_from_data([audio_io.load_audio(p, sr) for p in paths], rng)
+
+    # --- text -------------------------------------------------------------------------------------
+    def get_text_embedding(self, x: str | Sequence[str] | dict) -> np.ndarray:
+        """Captions (or an already tokenized dict of (N, L) arrays) → (N, D) embeddings."""
+        if isinstance(x, dict):
+            batch = {k: np.asarray(v) for k, v in x.items()}
+        else:
+            if self.tokenizer is None:
+                raise ValueError("no tokenizer: pass tokenizer=DIR to from_pretrained, or token ids as a dict")
+            batch = self.tokenizer(x)
+        return self._run(self._text_fn, batch)
+
+
+def cosine_top_k(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (indices, scores) of `keys` for each query by cosine similarity (inputs L2-normalised)."""
+    sims = np.asarray(jnp.asarray(queries) @ jnp.asarray(keys).T)
+    k = min(k, keys.shape[0])
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(sims, idx, axis=1)

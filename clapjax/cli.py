@@ -1,0 +1,221 @@
+"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus")
+DEFAULT_TEMPLATE = "This is a sound of {}."
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, disable=total < 2 or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def audio_paths(items: list[str]) -> list[str]:
+    """Files as given; folders expanded recursively to their audio files, sorted."""
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
+                           if f.lower().endswith(AUDIO_EXTENSIONS))
+            if not found:
+                raise ValueError(f"{item}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in this folder")
+            out.extend(found)
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return out
+
+
+def _embed_files(clap, paths: list[str], seed: int | None, chunk: int = 32) -> np.ndarray:
+    rng = None if seed is None else np.random.default_rng(seed)
+    parts = []
+    for start in _progress(range(0, len(paths), chunk), (len(paths) + chunk - 1) // chunk, "embedding audio"):
+        parts.append(clap.get_audio_embedding_from_filelist(paths[start:start + chunk], rng=rng))
+    return np.concatenate(parts)
+
+
+def _load(args, need_tokenizer: bool = False):
+    from clapjax.api import CLAP
+    if need_tokenizer and not args.tokenizer:
+        raise ValueError("this command needs --tokenizer DIR (vocab.json + merges.txt, or tokenizer.json)")
+    return CLAP.from_pretrained(args.checkpoint, tokenizer=getattr(args, "tokenizer", None),
+                                compilation_cache=args.compilation_cache)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from clapjax.convert import keymap, pipeline
+    try:
+        report = pipeline.convert(args.src, args.out_dir, amodel=args.amodel, tmodel=args.tmodel,
+                                  fusion=args.fusion)
+    except keymap.KeyMappingError as err:
+        print(err.report.summary(), file=sys.stderr)
+        print(f"error: {err}\nnothing was written.", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {args.out_dir} (Orbax variables, config.json, key_report.json)")
+    if args.verify:
+        from clapjax.convert import verify
+        result = verify.verify(args.src, args.out_dir)
+        print(result)
+        return 0 if result.ok else 3
+    return 0
+
+
+def cmd_export(args) -> int:
+    from clapjax.convert import pipeline
+    sd = pipeline.export(args.checkpoint, args.to, args.dest)
+    print(f"wrote {len(sd)} tensors in the {args.to} layout to {args.dest}")
+    return 0
+
+
+def cmd_embed_audio(args) -> int:
+    paths = audio_paths(args.inputs)
+    clap = _load(args)
+    emb = _embed_files(clap, paths, args.seed)
+    np.save(args.out, emb)
+    index = os.path.splitext(args.out)[0] + ".paths.json"
+    with open(index, "w") as f:
+        json.dump([os.path.abspath(p) for p in paths], f, indent=1)
+    print(f"wrote {emb.shape[0]}×{emb.shape[1]} embeddings to {args.out} and their paths to {index}")
+    return 0
+
+
+def cmd_embed_text(args) -> int:
+    clap = _load(args, need_tokenizer=True)
+    emb = clap.get_text_embedding(args.texts)
+    np.save(args.out, emb)
+    print(f"wrote {emb.shape[0]}×{emb.shape[1]} embeddings to {args.out}")
+    return 0
+
+
+def _labels(args) -> list[str]:
+    if args.labels_file:
+        with open(args.labels_file) as f:
+            labels = [line.strip() for line in f if line.strip()]
+    else:
+        labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
+    if not labels:
+        raise ValueError("give class labels with --labels 'dog,rain,...' or --labels-file FILE (one per line)")
+    if "{}" not in args.template:
+        raise ValueError(f"--template must contain '{{}}' where the label goes, got {args.template!r}")
+    return labels
+
+
+def cmd_zero_shot(args) -> int:
+    from clapjax.api import cosine_top_k
+    labels = _labels(args)
+    paths = audio_paths(args.inputs)
+    clap = _load(args, need_tokenizer=True)
+    text = clap.get_text_embedding([args.template.format(lab) for lab in labels])
+    audio = _embed_files(clap, paths, args.seed)
+    idx, scores = cosine_top_k(audio, text, args.top_k)
+    for path, row, sc in zip(paths, idx, scores):
+        print(path)
+        for rank, (j, s) in enumerate(zip(row, sc), 1):
+            print(f"  {rank}. {labels[j]:<30} {s:+.4f}")
+    return 0
+
+
+def cmd_retrieve(args) -> int:
+    from clapjax.api import cosine_top_k
+    index = os.path.splitext(args.embeddings)[0] + ".paths.json"
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{index}: the path index written by `clapjax embed-audio` is missing")
+    audio = np.load(args.embeddings)
+    with open(index) as f:
+        paths = json.load(f)
+    if len(paths) != audio.shape[0]:
+        raise ValueError(f"{index} lists {len(paths)} paths for {audio.shape[0]} embeddings")
+    clap = _load(args, need_tokenizer=True)
+    idx, scores = cosine_top_k(clap.get_text_embedding([args.query]), audio, args.top_k)
+    for rank, (j, s) in enumerate(zip(idx[0], scores[0]), 1):
+        print(f"{rank}. {s:+.4f}  {paths[j]}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def _model_args(p, tokenizer: bool):
+    p.add_argument("checkpoint", help="a directory written by `clapjax convert`")
+    if tokenizer:
+        p.add_argument("--tokenizer", help="local tokenizer directory (vocab.json + merges.txt, or tokenizer.json)")
+    p.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "clapjax", "jax_cache"),
+                   help="JAX persistent compilation cache directory (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clapjax", description="CLAP in JAX: convert checkpoints, embed, search.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="laion-clap .pt / HF ClapModel dir / .safetensors → clapjax checkpoint",
+                       description="Convert with strict key accounting; exits non-zero and writes nothing if any "
+                                   "key is missing, unexpected or mis-shaped.")
+    p.add_argument("src")
+    p.add_argument("out_dir")
+    p.add_argument("--amodel", help="audio model name (e.g. HTSAT-tiny); must agree with the weights")
+    p.add_argument("--tmodel", choices=["roberta", "bert", "bart", "transformer"], help="text model; must agree")
+    p.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the model is fused (aff_2d); must agree with the weights")
+    p.add_argument("--verify", action="store_true", help="compare embeddings with the PyTorch reference")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export", help="write a clapjax checkpoint back as a laion-clap .pt or an HF directory")
+    p.add_argument("checkpoint")
+    p.add_argument("--to", choices=["laion", "hf"], required=True)
+    p.add_argument("dest", help="a .pt file (laion) or a new directory (hf)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("embed-audio", help="audio files or folders → .npy embeddings + a .paths.json index")
+    _model_args(p, tokenizer=False)
+    p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--seed", type=int, default=None, help="random crops of long clips (default: deterministic)")
+    p.set_defaults(fn=cmd_embed_audio)
+
+    p = sub.add_parser("embed-text", help="texts → .npy embeddings")
+    _model_args(p, tokenizer=True)
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_embed_text)
+
+    p = sub.add_parser("zero-shot", help="classify audio files against labels through a prompt template")
+    _model_args(p, tokenizer=True)
+    p.add_argument("inputs", nargs="+", help="audio files and/or folders")
+    p.add_argument("--labels", help="comma-separated class labels")
+    p.add_argument("--labels-file", help="a file with one label per line")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template (default: %(default)r)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(fn=cmd_zero_shot)
+
+    p = sub.add_parser("retrieve", help="rank an embedded folder for a text query")
+    _model_args(p, tokenizer=True)
+    p.add_argument("embeddings", help="the .npy written by embed-audio (its .paths.json beside it)")
+    p.add_argument("query")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(fn=cmd_retrieve)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clapjax never fetches from the hub
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

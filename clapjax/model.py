@@ -1,0 +1,170 @@
+"""The CLAP model: LAION-CLAP's `CLAP` module (clap_module/model.py) in Flax NNX.
+
+Attribute names are LAION's (`audio_branch`, `text_branch`, `audio_projection`, `text_projection`,
+`audio_transform`, `text_transform`, `logit_scale_a`, `logit_scale_t`) so a LAION state dict maps
+by name. Embeddings are L2-normalised with eps 1e-12 as `F.normalize` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clapjax import text as T
+from clapjax.audio.frontend import FrontEndConfig
+from clapjax.audio.htsat import HTSAT, HTSATConfig
+from clapjax.audio.pann import PANN, PANNConfig
+from clapjax.heads import MLPLayers, l2_normalize, projection
+
+_FRONT = dict(sample_rate=48000, mel_bins=64, fmin=50, fmax=14000, window_size=1024, hop_size=480,
+              clip_samples=480000, class_num=527)
+# laion_clap/clap_module/model_configs/*.json that have an audio tower (the vision ones are unusable)
+LAION_AUDIO_CONFIGS: dict[str, dict] = {
+    "HTSAT-tiny": dict(_FRONT, model_type="HTSAT", model_name="tiny"),
+    "HTSAT-tiny-win-1536": dict(_FRONT, model_type="HTSAT", model_name="tiny", window_size=1536),
+    "HTSAT-base": dict(_FRONT, model_type="HTSAT", model_name="base"),
+    "HTSAT-large": dict(_FRONT, model_type="HTSAT", model_name="large"),
+    "PANN-6": dict(_FRONT, model_type="PANN", model_name="Cnn6"),
+    "PANN-10": dict(_FRONT, model_type="PANN", model_name="Cnn10"),
+    "PANN-14": dict(_FRONT, model_type="PANN", model_name="Cnn14"),
+    "PANN-14-fmax-18k": dict(_FRONT, model_type="PANN", model_name="Cnn14", fmax=18000),
+    "PANN-14-fmax-8k-20s": dict(_FRONT, model_type="PANN", model_name="Cnn14", fmax=8000, hop_size=360,
+                                clip_samples=960000),
+    "PANN-14-win-1536": dict(_FRONT, model_type="PANN", model_name="Cnn14", window_size=1536),
+    "PANN-14-tiny-transformer": dict(_FRONT, model_type="PANN", model_name="Cnn14"),
+}
+# their text_cfg (used only by tmodel='transformer')
+LAION_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+LAION_TEXT_LAYERS = {"PANN-14-tiny-transformer": 4}
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLAPConfig:
+    audio: HTSATConfig | PANNConfig
+    tmodel: str
+    text: T.TextConfig
+    amodel: str = ""                 # LAION's config name, informational ('HTSAT-tiny', …)
+    joint_embed_shape: int = 512
+    mlp_act: str = "relu"
+    transform_heads: bool = True     # LAION's mlp-loss heads; HF's ClapModel has none
+
+    def __post_init__(self):
+        expected = T.TOWERS.get(self.tmodel, (None,))[0]
+        if expected is None:
+            raise ValueError(f"unknown tmodel {self.tmodel!r}; expected one of {sorted(T.TOWERS)}")
+        if not isinstance(self.text, expected):
+            raise TypeError(f"tmodel {self.tmodel!r} needs a {expected.__name__}, got {type(self.text).__name__}")
+        if not isinstance(self.audio, (HTSATConfig, PANNConfig)):
+            raise TypeError(f"audio must be an HTSATConfig or PANNConfig, got {type(self.audio).__name__}")
+
+    @property
+    def audio_width(self) -> int:
+        return self.audio.num_features if isinstance(self.audio, HTSATConfig) else self.audio.embed_dim
+
+    @property
+    def enable_fusion(self) -> bool:
+        return bool(self.audio.enable_fusion)
+
+    @property
+    def frontend(self) -> FrontEndConfig:
+        return self.audio.frontend
+
+    @classmethod
+    def from_laion(cls, amodel: str = "HTSAT-tiny", tmodel: str = "roberta", enable_fusion: bool = False,
+                   fusion_type: str = "aff_2d", *, audio_overrides: Mapping | None = None,
+                   text_overrides: Mapping | None = None, **kw) -> "CLAPConfig":
+        """What `laion_clap.CLAP_Module(enable_fusion, amodel=, tmodel=)` builds."""
+        if amodel not in LAION_AUDIO_CONFIGS:
+            raise ValueError(f"unknown amodel {amodel!r}; expected one of {sorted(LAION_AUDIO_CONFIGS)}")
+        acfg = LAION_AUDIO_CONFIGS[amodel]
+        ftype = fusion_type if enable_fusion else "None"
+        builder = HTSATConfig if acfg["model_type"] == "HTSAT" else PANNConfig
+        audio = builder.from_laion(acfg, enable_fusion, ftype, **dict(audio_overrides or {}))
+        if tmodel == "transformer":
+            tcfg = dict(LAION_TEXT_CFG, layers=LAION_TEXT_LAYERS.get(amodel, 12))
+            text = T.ClipTextConfig.from_laion(tcfg, **dict(text_overrides or {}))
+        else:
+            text = T.default_text_config(tmodel, **dict(text_overrides or {}))
+        return cls(audio=audio, tmodel=tmodel, text=text, amodel=amodel, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        audio = dataclasses.asdict(self.audio)
+        audio["model_type"] = "HTSAT" if isinstance(self.audio, HTSATConfig) else "PANN"
+        return {"amodel": self.amodel, "tmodel": self.tmodel, "joint_embed_shape": self.joint_embed_shape,
+                "mlp_act": self.mlp_act, "transform_heads": self.transform_heads, "audio": audio,
+                "text": dataclasses.asdict(self.text)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CLAPConfig":
+        d = dict(d)
+        audio = dict(d.pop("audio"))
+        kind = audio.pop("model_type", None)
+        if kind not in ("HTSAT", "PANN"):
+            raise ValueError(f"audio.model_type must be 'HTSAT' or 'PANN', got {kind!r}")
+        audio["frontend"] = FrontEndConfig(**audio["frontend"])
+        audio_cfg = (HTSATConfig if kind == "HTSAT" else PANNConfig)(**audio)
+        text = T.text_config_from_dict(d["tmodel"], d.pop("text"))
+        return cls(audio=audio_cfg, text=text, **d)
+
+
+class LogitScale(nnx.Param):
+    """A log temperature (exp'ed at use); excluded from weight decay by name and type."""
+
+
+class CLAPModel(nnx.Module):
+    def __init__(self, cfg: CLAPConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        prec = cfg.audio.precision
+        self.audio_branch = (HTSAT if isinstance(cfg.audio, HTSATConfig) else PANN)(cfg.audio, rngs=rngs)
+        self.text_branch = T.text_tower(cfg.tmodel, cfg.text, rngs)
+        joint = cfg.joint_embed_shape
+        self.audio_projection = projection(cfg.audio_width, joint, rngs, act=cfg.mlp_act, prec=prec)
+        self.text_projection = projection(T.text_width(cfg.text), joint, rngs, act=cfg.mlp_act,
+                                          prec=cfg.text.precision)
+        if cfg.transform_heads:
+            self.audio_transform = MLPLayers(joint, rngs, prec=prec)
+            self.text_transform = MLPLayers(joint, rngs, prec=prec)
+        else:
+            self.audio_transform = self.text_transform = None
+        self.logit_scale_a = LogitScale(jnp.asarray(LOGIT_SCALE_INIT, jnp.float32), logical_axes=())
+        self.logit_scale_t = LogitScale(jnp.asarray(LOGIT_SCALE_INIT, jnp.float32), logical_axes=())
+
+    # --- LAION's methods ---------------------------------------------------------------------------
+    def encode_audio(self, audio: Mapping[str, jax.Array], *, deterministic: bool = True,
+                     rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
+        """`audio`: {'waveform': (B, N)} unfused; {'mel_fusion': (B, 4, T, M), 'longer': (B,)} fused."""
+        if isinstance(self.audio_branch, PANN):
+            return self.audio_branch(audio, deterministic=deterministic, rngs=rngs)
+        if self.config.enable_fusion:
+            return self.audio_branch(mel_fusion=audio["mel_fusion"], longer=audio["longer"],
+                                     deterministic=deterministic, rngs=rngs)
+        return self.audio_branch(audio["waveform"], deterministic=deterministic, rngs=rngs)
+
+    def encode_text(self, text: Mapping[str, jax.Array], *, deterministic: bool = True,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Projected, un-normalised text features (LAION's `encode_text` includes the projection)."""
+        out = self.text_branch(text["input_ids"], text.get("attention_mask"), text.get("token_type_ids"),
+                               deterministic=deterministic, rngs=rngs)
+        return self.text_projection(out.pooled)
+
+    def get_audio_embedding(self, audio: Mapping[str, jax.Array]) -> jax.Array:
+        return l2_normalize(self.audio_projection(self.encode_audio(audio)["embedding"]))
+
+    def get_text_embedding(self, text: Mapping[str, jax.Array]) -> jax.Array:
+        return l2_normalize(self.encode_text(text))
+
+    def __call__(self, audio, text, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        """LAION's forward: (audio_f, text_f, audio_f_mlp, text_f_mlp, exp(scale_a), exp(scale_t))."""
+        a = l2_normalize(self.audio_projection(
+            self.encode_audio(audio, deterministic=deterministic, rngs=rngs)["embedding"]))
+        t = l2_normalize(self.encode_text(text, deterministic=deterministic, rngs=rngs))
+        a_mlp = t_mlp = None
+        if self.audio_transform is not None:
+            a_mlp = self.audio_transform(a, deterministic=deterministic, rngs=rngs)
+            t_mlp = self.text_transform(t, deterministic=deterministic, rngs=rngs)
+        return a, t, a_mlp, t_mlp, jnp.exp(self.logit_scale_a[...]), jnp.exp(self.logit_scale_t[...])

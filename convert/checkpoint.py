@@ -1,0 +1,119 @@
+"""A converted model on disk: an Orbax checkpoint of the variables plus JSON beside it.
+
+    OUT_DIR/
+      config.json       CLAPConfig.to_dict() + the source format
+      key_report.json   the converter's key accounting (consumed / ignored with reasons / …)
+      variables/        Orbax checkpoint: params and batch statistics, keyed by module path
+      source_extras.npz the source tensors the model does not hold (ignored buffers), kept so that
+                        exporting back to the same layout reproduces every tensor bit for bit
+
+Writing goes to a temporary sibling directory that is renamed at the end: a failed conversion
+leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from clapjax.convert import keymap as K
+from clapjax.model import CLAPConfig, CLAPModel
+
+VARIABLES, CONFIG, REPORT, EXTRAS = "variables", "config.json", "key_report.json", "source_extras.npz"
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def save(out_dir: str, model: CLAPModel, *, report: K.Report | None = None, source_format: str = "",
+         extras: dict[str, np.ndarray] | None = None) -> None:
+    import orbax.checkpoint as ocp
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new output directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".clapjax-convert-", dir=parent)
+    try:
+        arrays = {k: np.asarray(v.get_value()) for k, v in K.target_variables(model).items()}
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, VARIABLES), _nested(arrays))
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump({"source_format": source_format, **model.config.to_dict()}, f, indent=2)
+        if report is not None:
+            with open(os.path.join(tmp, REPORT), "w") as f:
+                f.write(report.to_json())
+        np.savez(os.path.join(tmp, EXTRAS), **(extras or {}))
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(directory: str) -> tuple[CLAPConfig, str]:
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: not a clapjax checkpoint (no {CONFIG}); convert one with "
+                                "`clapjax convert SRC OUT_DIR`")
+    with open(path) as f:
+        d = json.load(f)
+    source = d.pop("source_format", "")
+    return CLAPConfig.from_dict(d), source
+
+
+def read_extras(directory: str) -> dict[str, np.ndarray]:
+    path = os.path.join(directory, EXTRAS)
+    if not os.path.isfile(path):
+        return {}
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
+
+
+def restore(directory: str, sharding: Sharding = None) -> CLAPModel:
+    """The model saved in `directory`, on the default device or placed by `sharding` (one Sharding
+    for every variable, or a function (dotted path, shape) → Sharding)."""
+    import orbax.checkpoint as ocp
+    cfg, _ = read_config(directory)
+    model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
+    targets = K.target_variables(model)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(key, var):
+        s = sharding(key, tuple(var.shape)) if callable(sharding) else (sharding or default)
+        return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=s)
+    abstract = _nested({k: place(k, v.get_value()) for k, v in targets.items()})
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = _flat(ckpt.restore(os.path.abspath(os.path.join(directory, VARIABLES)), abstract))
+    missing = sorted(set(targets) - set(restored))
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks variables {missing[:10]}")
+    for key, var in targets.items():
+        var.set_value(restored[key])
+    return model

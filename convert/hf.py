@@ -1,0 +1,117 @@
+"""Hugging Face `ClapModel` checkpoints: read a model directory (config.json + safetensors or
+pytorch_model.bin) and the key table between HF's layout and ours.
+
+HF's layout (transformers models/clap): `text_model.*` (a RoBERTa), `audio_model.audio_encoder.*`
+(HTSAT with split q/k/v and renamed layers, no front-end tensors, no SED head),
+`{text,audio}_projection.linear{1,2}.*`, `logit_scale_{a,t}`. It has no mlp-loss transform heads, so
+a model converted from HF is built with `transform_heads=False` and `sed_head=False`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from clapjax import text as T
+from clapjax.audio.htsat import HTSATConfig
+from clapjax.convert import keymap as K
+from clapjax.convert.audio_keys import htsat_hf_table
+from clapjax.convert.text_keys import tower_table
+from clapjax.convert.torch_pickle import load_torch_file
+from clapjax.model import CLAPConfig, CLAPModel
+
+HF_SIZES = {96: "HTSAT-tiny", 128: "HTSAT-base", 256: "HTSAT-large"}
+
+
+def is_hf_layout(sd) -> bool:
+    return any(k.startswith(("text_model.", "audio_model.")) for k in sd)
+
+
+def _read_weights(directory: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    single, index = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return dict(load_file(single))
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        sd: dict[str, np.ndarray] = {}
+        for name in files:
+            sd.update(load_file(os.path.join(directory, name)))
+        return sd
+    binary = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        obj = load_torch_file(binary)
+        if not isinstance(obj, dict):
+            raise ValueError(f"{binary}: expected a state dict, got {type(obj).__name__}")
+        return dict(obj)
+    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def read_hf_dir(directory: str):
+    """(transformers ClapConfig, state dict) of a `save_pretrained` directory."""
+    from transformers import ClapConfig
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    hf = ClapConfig.from_json_file(path)
+    if hf.model_type != "clap":
+        raise ValueError(f"{path}: model_type {hf.model_type!r}, expected 'clap' (a ClapModel)")
+    sd = _read_weights(directory)
+    if not sd:
+        raise ValueError(f"{directory}: the weights file holds no tensors")
+    return hf, sd
+
+
+def hf_clap_config(hf) -> CLAPConfig:
+    """Our config for a transformers `ClapConfig` (sizes, eps, fusion all from the config)."""
+    a = hf.audio_config
+    audio = HTSATConfig.from_hf(a)
+    amodel = HF_SIZES.get(a.patch_embeds_hidden_size, "HTSAT-custom")
+    text = T.BertConfig.from_hf(hf.text_config)
+    return CLAPConfig(audio=audio, tmodel="roberta", text=text, amodel=amodel,
+                      joint_embed_shape=hf.projection_dim, mlp_act=hf.projection_hidden_act,
+                      transform_heads=False)
+
+
+def hf_config_from_weights(sd):
+    """A ClapConfig for an HF-layout state dict with no config.json: sizes from the tensors,
+    everything else transformers' defaults (e.g. text LayerNorm eps 1e-12)."""
+    from transformers import ClapConfig
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+    vocab, width = sd["text_model.embeddings.word_embeddings.weight"].shape
+    embed = sd["audio_model.audio_encoder.patch_embed.proj.weight"].shape[0]
+    stages = count("audio_model.audio_encoder.layers.")
+    depths = [count(f"audio_model.audio_encoder.layers.{i}.blocks.") for i in range(stages)]
+    heads = [sd[f"audio_model.audio_encoder.layers.{i}.blocks.0.attention.self.relative_position_bias_table"].shape[1]
+             for i in range(stages)]
+    text = dict(vocab_size=vocab, hidden_size=width, num_attention_heads=width // 64,
+                num_hidden_layers=count("text_model.encoder.layer."),
+                intermediate_size=sd["text_model.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                max_position_embeddings=sd["text_model.embeddings.position_embeddings.weight"].shape[0])
+    audio = dict(patch_embeds_hidden_size=embed, depths=depths, num_attention_heads=heads,
+                 hidden_size=embed * 2 ** (stages - 1),
+                 enable_fusion="audio_model.audio_encoder.patch_embed.mel_conv2d.weight" in sd)
+    return ClapConfig(text_config=text, audio_config=audio,
+                      projection_dim=sd["text_projection.linear2.weight"].shape[0])
+
+
+def _projection_table(model, name: str) -> K.KeyTable:
+    def rename(key):  # nn.Sequential indices 0 / 2 are HF's linear1 / linear2
+        return key.replace("0.", "linear1.", 1) if key.startswith("0.") else key.replace("2.", "linear2.", 1)
+    return K.KeyTable(K.derive_entries(getattr(model, name), rename)).prefixed(name, f"{name}.")
+
+
+def hf_table(model: CLAPModel) -> K.KeyTable:
+    if model.audio_transform is not None:
+        raise ValueError("HF's ClapModel has no mlp-loss transform heads: build with transform_heads=False")
+    if model.config.tmodel != "roberta":
+        raise ValueError(f"HF's ClapModel has a RoBERTa text model, not {model.config.tmodel}")
+    table = (tower_table(model.text_branch).prefixed("text_branch", "text_model.")
+             + htsat_hf_table(model.audio_branch).prefixed("audio_branch", "audio_model.")
+             + _projection_table(model, "audio_projection") + _projection_table(model, "text_projection"))
+    scales = [K.Entry(n, (n,), lambda x: x, lambda x: (x,)) for n in ("logit_scale_a", "logit_scale_t")]
+    return table + K.KeyTable(scales)

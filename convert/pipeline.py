@@ -1,0 +1,132 @@
+"""`clapjax convert` and `clapjax export`: source file → strict key check → Orbax, and back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from clapjax.convert import checkpoint, hf, laion
+from clapjax.convert import keymap as K
+from clapjax.model import CLAPConfig, CLAPModel
+
+HF_CONFIG = "source_hf_config.json"
+
+
+@dataclasses.dataclass
+class Source:
+    fmt: str                      # 'laion' | 'hf'
+    state_dict: dict[str, np.ndarray]
+    hf_config: object | None = None  # transformers ClapConfig for 'hf'
+
+
+def read_source(src: str) -> Source:
+    """A laion-clap `.pt`, an HF ClapModel directory, or a single `.safetensors` file (either layout)."""
+    if os.path.isdir(src):
+        cfg, sd = hf.read_hf_dir(src)
+        return Source("hf", sd, cfg)
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    if src.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        try:
+            sd = dict(load_file(src))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{src}: not a readable safetensors file ({err})") from None
+        if hf.is_hf_layout(sd):
+            return Source("hf", sd, hf.hf_config_from_weights(sd))
+        return Source("laion", laion.unwrap_state_dict(sd, src))
+    return Source("laion", laion.read_state_dict(src))
+
+
+def build(src: Source, *, amodel=None, tmodel=None, fusion=None) -> tuple[CLAPModel, K.KeyTable]:
+    """An abstract (no memory) model of the variant the weights describe, and its key table."""
+    if src.fmt == "laion":
+        cfg = laion.detect(src.state_dict, amodel=amodel, tmodel=tmodel, fusion=fusion)
+    else:
+        cfg = hf.hf_clap_config(src.hf_config)
+        problems = []
+        if amodel is not None and amodel != cfg.amodel:
+            problems.append(f"--amodel {amodel} but the weights are {cfg.amodel}")
+        if tmodel is not None and tmodel != "roberta":
+            problems.append(f"--tmodel {tmodel} but HF's ClapModel has a roberta text model")
+        if fusion is not None and fusion != cfg.enable_fusion:
+            problems.append(f"--fusion {fusion} but the config says enable_fusion={cfg.enable_fusion}")
+        if problems:
+            raise ValueError("the weights contradict the options: " + "; ".join(problems))
+    model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
+    return model, (laion.laion_table(model) if src.fmt == "laion" else hf.hf_table(model))
+
+
+def describe(cfg: CLAPConfig, fmt: str) -> str:
+    a, t = cfg.audio, cfg.text
+    front = a.frontend
+    return (f"detected: {fmt} layout; audio {cfg.amodel} ({type(a).__name__}, fusion "
+            f"{a.fusion_type if cfg.enable_fusion else 'none'}; n_fft {front.window_size}, hop {front.hop_size}, "
+            f"fmax {front.fmax:g}); text {cfg.tmodel} ({type(t).__name__}); joint {cfg.joint_embed_shape}; "
+            f"mlp-loss heads {'yes' if cfg.transform_heads else 'no'}")
+
+
+def convert(src_path: str, out_dir: str, *, amodel=None, tmodel=None, fusion=None,
+            log: Callable[[str], None] = print) -> K.Report:
+    """Convert or raise (KeyMappingError carries the report); nothing is written on failure."""
+    src = read_source(src_path)
+    model, table = build(src, amodel=amodel, tmodel=tmodel, fusion=fusion)
+    log(describe(model.config, src.fmt))
+    report = K.load_state_dict(model, src.state_dict, table)
+    extras = {k: src.state_dict[k] for k in report.ignored}
+    checkpoint.save(out_dir, model, report=report, source_format=src.fmt, extras=extras)
+    if src.hf_config is not None:
+        with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
+            f.write(src.hf_config.to_json_string())
+    return report
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def export(ckpt_dir: str, to: str, dest: str) -> dict[str, np.ndarray]:
+    """Write a converted model back as a laion-clap `.pt` (`to='laion'`) or an HF directory (`'hf'`)."""
+    if to not in ("laion", "hf"):
+        raise ValueError(f"--to must be 'laion' or 'hf', got {to!r}")
+    model = checkpoint.restore(ckpt_dir)
+    _, source = checkpoint.read_config(ckpt_dir)
+    table = laion.laion_table(model) if to == "laion" else hf.hf_table(model)
+    sd = K.export_state_dict(model, table)
+    if to == source:
+        sd.update(checkpoint.read_extras(ckpt_dir))  # the source's buffers, verbatim
+    else:
+        raise ValueError(f"{ckpt_dir} was converted from the {source} layout; exporting it as {to} is not "
+                         "supported (the layouts hold different heads: LAION's mlp-loss transforms and SED "
+                         "head have no place in HF's ClapModel and vice versa)")
+    if to == "laion":
+        _write_laion(sd, dest)
+    else:
+        _write_hf(sd, dest, os.path.join(ckpt_dir, HF_CONFIG))
+    return sd
+
+
+def _write_laion(sd: dict[str, np.ndarray], dest: str) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("exporting to a laion-clap .pt needs PyTorch (pip install 'clapjax[reference]')") from None
+    if os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists; choose a new file name")
+    state = {f"module.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
+    torch.save({"epoch": 0, "name": "clapjax-export", "state_dict": state}, dest)
+
+
+def _write_hf(sd: dict[str, np.ndarray], dest: str, config_path: str) -> None:
+    from safetensors.numpy import save_file
+    if os.path.exists(dest) and os.listdir(dest):
+        raise FileExistsError(f"{dest} exists and is not empty; choose a new directory")
+    os.makedirs(dest, exist_ok=True)
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({k: np.array(v, order="C") for k, v in sd.items()}, os.path.join(dest, "model.safetensors"),
+              metadata={"format": "pt"})
