@@ -80,7 +80,7 @@ def htsat_laion_table(model: HTSAT) -> keymap.KeyTable:
                       _relative_index_check(model)),
         keymap.Ignore(r"layers\.\d+\.blocks\.\d+\.attn_mask", "Swin shifted-window mask: a constant of the geometry",
                       _attn_mask_check(model)),
-        keymap.Ignore(r"(.+\.)?num_batches_tracked", BN_COUNTER),
+        keymap.Ignore(r"(.+\.)?num_batches_tracked", BN_COUNTER, keymap.batch_norm_counter),
     ]
     if model.tscam_conv is None:
         ignores.append(keymap.Ignore(r"(tscam_conv|head)\.(weight|bias)",
@@ -137,7 +137,7 @@ def htsat_hf_table(model: HTSAT, *, keep_sed_head: bool = False) -> keymap.KeyTa
     table = keymap.KeyTable(entries, [
         keymap.Ignore(re.escape(HF_PREFIX) + r"layers\.\d+\.blocks\.\d+\.attention\.self\.relative_position_index",
                       "Swin relative position index: a constant of the window size", _relative_index_check(model)),
-        keymap.Ignore(re.escape(HF_PREFIX) + r"(.+\.)?num_batches_tracked", BN_COUNTER),
+        keymap.Ignore(re.escape(HF_PREFIX) + r"(.+\.)?num_batches_tracked", BN_COUNTER, keymap.batch_norm_counter),
     ])
     qkv = []
     for target in (e.target for e in entries):

@@ -40,6 +40,8 @@ class Entry:
     sources: tuple[str, ...]
     to_target: Callable[..., Array]
     to_source: Callable[[Array], tuple[Array, ...]]
+    # the target shape from the source shapes, so a check needs no copy of the data (None: run to_target)
+    target_shape: Callable[..., tuple[int, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +81,27 @@ def _conv_to_torch(k: Array) -> Array:
     return np.ascontiguousarray(np.transpose(k, (nd - 1, nd - 2) + tuple(range(nd - 2))))
 
 
-# leaf renames by owning layer type: flax leaf -> (torch leaf, to_flax, to_torch)
-_LEAF_RULES: dict[type, dict[str, tuple[str, Callable, Callable]]] = {
-    nnx.Linear: {"kernel": ("weight", _linear_to_flax, _linear_to_flax), "bias": ("bias", _identity, _identity)},
-    nnx.Conv: {"kernel": ("weight", _conv_to_flax, _conv_to_torch), "bias": ("bias", _identity, _identity)},
-    nnx.LayerNorm: {"scale": ("weight", _identity, _identity), "bias": ("bias", _identity, _identity)},
-    nnx.BatchNorm: {"scale": ("weight", _identity, _identity), "bias": ("bias", _identity, _identity),
-                    "mean": ("running_mean", _identity, _identity), "var": ("running_var", _identity, _identity)},
-    nnx.Embed: {"embedding": ("weight", _identity, _identity)},
+def _same_shape(shape):
+    return tuple(shape)
+
+
+def _linear_shape(shape):
+    return tuple(shape)[::-1]
+
+
+def _conv_shape(shape):
+    return tuple(shape[2:]) + (shape[1], shape[0])
+
+
+_COPY = (_identity, _identity, _same_shape)
+# leaf renames by owning layer type: flax leaf -> (torch leaf, to_flax, to_torch, flax shape of torch shape)
+_LEAF_RULES: dict[type, dict[str, tuple]] = {
+    nnx.Linear: {"kernel": ("weight", _linear_to_flax, _linear_to_flax, _linear_shape), "bias": ("bias", *_COPY)},
+    nnx.Conv: {"kernel": ("weight", _conv_to_flax, _conv_to_torch, _conv_shape), "bias": ("bias", *_COPY)},
+    nnx.LayerNorm: {"scale": ("weight", *_COPY), "bias": ("bias", *_COPY)},
+    nnx.BatchNorm: {"scale": ("weight", *_COPY), "bias": ("bias", *_COPY),
+                    "mean": ("running_mean", *_COPY), "var": ("running_var", *_COPY)},
+    nnx.Embed: {"embedding": ("weight", *_COPY)},
 }
 
 LOADABLE = (nnx.Param, nnx.BatchStat)
@@ -114,11 +129,11 @@ def derive_entries(model: nnx.Module, rename: Callable[[str], str] = _identity) 
         if rule is not None:
             if leaf not in rule:
                 raise TypeError(f"no key rule for {type(owner).__name__}.{leaf} at {_path_str(path)}")
-            tleaf, to_t, to_s = rule[leaf]
+            tleaf, to_t, to_s, shape = rule[leaf]
         else:  # a bare parameter of one of our modules: same name, same layout
-            tleaf, to_t, to_s = leaf, _identity, _identity
+            tleaf, (to_t, to_s, shape) = leaf, _COPY
         src = rename(_path_str(list(path[:-1]) + [tleaf]))
-        entries.append(Entry(_path_str(path), (src,), to_t, (lambda f: (lambda x: (f(x),)))(to_s)))
+        entries.append(Entry(_path_str(path), (src,), to_t, (lambda f: (lambda x: (f(x),)))(to_s), shape))
     return entries
 
 
@@ -126,6 +141,8 @@ def derive_entries(model: nnx.Module, rename: Callable[[str], str] = _identity) 
 class KeyTable:
     entries: list[Entry]
     ignores: list[Ignore] = dataclasses.field(default_factory=list)
+    # ignored source keys that must nevertheless be present (buffers every file of the layout holds)
+    required: tuple[str, ...] = ()
 
     def replace(self, overrides: Iterable[Entry]) -> "KeyTable":
         """Swap the entries whose target an override names (e.g. fused qkv from split q/k/v)."""
@@ -134,7 +151,7 @@ class KeyTable:
         unknown = set(by_target) - {e.target for e in self.entries}
         if unknown:
             raise KeyError(f"override targets not in the model: {sorted(unknown)}")
-        return KeyTable([by_target.get(e.target, e) for e in self.entries], list(self.ignores))
+        return KeyTable([by_target.get(e.target, e) for e in self.entries], list(self.ignores), self.required)
 
     def prefixed(self, target_prefix: str, source_prefix: str) -> "KeyTable":
         """The same table for a sub-module mounted at `target_prefix` (targets) / `source_prefix`."""
@@ -147,10 +164,10 @@ class KeyTable:
                 for e in self.entries]
         igs = [dataclasses.replace(i, pattern=re.escape(source_prefix) + i.pattern,
                                    check=_prefixed_check(i.check, source_prefix)) for i in self.ignores]
-        return KeyTable(ents, igs)
+        return KeyTable(ents, igs, tuple(sp(k) for k in self.required))
 
     def __add__(self, other: "KeyTable") -> "KeyTable":
-        return KeyTable(self.entries + other.entries, self.ignores + other.ignores)
+        return KeyTable(self.entries + other.entries, self.ignores + other.ignores, self.required + other.required)
 
     def source_keys(self) -> list[str]:
         return [s for e in self.entries for s in e.sources]
@@ -227,8 +244,12 @@ class Report:
 # --- matching ------------------------------------------------------------------------------
 
 def match(state_dict: StateDict, table: KeyTable,
-          target_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Report, dict[str, Array]]:
-    """Map `state_dict` through `table` onto targets of the given shapes; never raises for data."""
+          target_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Report, dict[str, Entry]]:
+    """Check `state_dict` against `table` and targets of the given shapes; never raises for data.
+
+    Shapes are checked from the source shapes alone (no copy of the weights); the entries that
+    passed are returned so the caller can materialise the values only when everything fits.
+    """
     rep = Report()
     claimed: dict[str, str] = {}
     for e in table.entries:
@@ -239,7 +260,7 @@ def match(state_dict: StateDict, table: KeyTable,
     untabled = sorted(set(target_shapes) - {e.target for e in table.entries})
     rep.missing.extend(f"<no table entry> [{t}]" for t in untabled)
 
-    values: dict[str, Array] = {}
+    good: dict[str, Entry] = {}
     for e in table.entries:
         absent = [s for s in e.sources if s not in state_dict]
         if absent:
@@ -248,21 +269,23 @@ def match(state_dict: StateDict, table: KeyTable,
         if e.target not in target_shapes:
             rep.unexpected.extend(f"{s} [no target {e.target}]" for s in e.sources)
             continue
-        srcs = [np.asarray(state_dict[s]) for s in e.sources]
+        shapes = [tuple(np.shape(state_dict[s])) for s in e.sources]
+        why = ""
         try:
-            val = e.to_target(*srcs)
+            got = (tuple(e.target_shape(*shapes)) if e.target_shape is not None
+                   else tuple(e.to_target(*[np.asarray(state_dict[s]) for s in e.sources]).shape))
         except Exception as err:  # a reshape that cannot happen is a shape mismatch
-            val, why = None, f"{type(err).__name__}: {err}"
+            got, why = None, f" ({type(err).__name__}: {err})"
         want = tuple(target_shapes[e.target])
-        if val is None or tuple(val.shape) != want:
-            got = [tuple(x.shape) for x in srcs]
+        if got != want:
             rep.mismatched.append(f"{', '.join(e.sources)}: expected {want} for {e.target}, got "
-                                  f"{got if len(got) > 1 else got[0]}" + ("" if val is not None else f" ({why})"))
+                                  f"{shapes if len(shapes) > 1 else shapes[0]}{why}")
             continue
         for s in e.sources:
             rep.consumed[s] = e.target
-        values[e.target] = val
+        good[e.target] = e
 
+    rep.missing.extend(f"{k} [required buffer]" for k in table.required if k not in state_dict)
     for key in state_dict:
         if key in claimed:
             continue
@@ -277,17 +300,19 @@ def match(state_dict: StateDict, table: KeyTable,
                 rep.invalid.append(f"{key}: {err}")
                 continue
         rep.ignored[key] = rule.reason
-    return rep, values
+    return rep, good
 
 
 def load_state_dict(model: nnx.Module, state_dict: StateDict, table: KeyTable) -> Report:
     """Fill `model` in place from `state_dict`, or raise `KeyMappingError` and change nothing."""
     targets = target_variables(model)
-    rep, values = match(state_dict, table, {k: tuple(v.shape) for k, v in targets.items()})
+    rep, entries = match(state_dict, table, {k: tuple(v.shape) for k, v in targets.items()})
     if not rep.ok:
         raise KeyMappingError(rep)
     for k, var in targets.items():
-        var.set_value(np.asarray(values[k], dtype=var.get_value().dtype))
+        e = entries[k]
+        value = e.to_target(*[np.asarray(state_dict[s]) for s in e.sources])
+        var.set_value(np.asarray(value, dtype=var.get_value().dtype))
     return rep
 
 
@@ -309,6 +334,12 @@ def export_state_dict(model: nnx.Module, table: KeyTable) -> dict[str, Array]:
 def fused_linear(target: str, sources: Sequence[str], leaf: str) -> Entry:
     """A fused projection (our qkv kernel/bias) from split PyTorch Linears (HF query/key/value)."""
     n = len(sources)
+
+    def shape(*shapes):
+        if any(len(x) != len(shapes[0]) or x[1:] != shapes[0][1:] for x in shapes):
+            raise ValueError(f"split parts differ in shape: {shapes}")
+        fused = (sum(x[0] for x in shapes),) + tuple(shapes[0][1:])
+        return fused[::-1] if leaf == "kernel" else fused
     if leaf == "kernel":
         def to_t(*ws):
             return np.ascontiguousarray(np.concatenate(ws, axis=0).T)
@@ -321,7 +352,7 @@ def fused_linear(target: str, sources: Sequence[str], leaf: str) -> Entry:
 
         def to_s(b):
             return tuple(np.ascontiguousarray(x) for x in np.split(b, n, axis=0))
-    return Entry(target, tuple(sources), to_t, to_s)
+    return Entry(target, tuple(sources), to_t, to_s, shape)
 
 
 def expect_equal(expected: Callable[[str, StateDict], Array], what: str, atol: float = 0.0):
@@ -334,3 +365,9 @@ def expect_equal(expected: Callable[[str, StateDict], Array], what: str, atol: f
         if diff > atol:
             raise ValueError(f"{what}: differs from the recomputed value by {diff:.3g} (> {atol})")
     return check
+
+
+def batch_norm_counter(key: str, value: Array, sd: StateDict) -> None:
+    """`Ignore.check` for `num_batches_tracked`: PyTorch stores it as an int64 scalar."""
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"a BatchNorm counter is an integer scalar, got {value.dtype} {value.shape}")

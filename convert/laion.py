@@ -4,7 +4,9 @@ LAION's files are `torch.save` dicts `{"epoch", "name", "state_dict", "optimizer
 state dict) whose keys carry DDP's `module.` prefix. The variant is read off the tensors:
 HTSAT size from the patch-embed width and block counts, PANN type from its conv blocks, fusion from
 `mel_conv2d`, the STFT size from the stored kernels, fmax from the stored mel bank, the text tower
-from its key names. Overrides (`amodel=`, `tmodel=`, `fusion=`) are checked against that.
+from its key names. Overrides (`amodel=`, `tmodel=`, `fusion=`) are checked against that. The
+detected names fix the whole configuration, as they do in LAION's `create_model`; the key table then
+checks every tensor against it, so a tensor of another shape is an error, never a different model.
 """
 from __future__ import annotations
 
@@ -12,16 +14,17 @@ import re
 from typing import Mapping
 
 import numpy as np
+from flax import nnx
 
-from clapjax import text as T
 from clapjax.audio import frontend as fe
+from clapjax.audio import swin
 from clapjax.audio.htsat import HTSAT
 from clapjax.convert import keymap as K
 from clapjax.convert.audio_keys import htsat_laion_table
 from clapjax.convert.pann_keys import pann_laion_table
 from clapjax.convert.text_keys import laion_text_table
 from clapjax.convert.torch_pickle import load_torch_file
-from clapjax.model import LAION_AUDIO_CONFIGS, CLAPConfig, CLAPModel
+from clapjax.model import LAION_AUDIO_CONFIGS, LAION_TEXT_LAYERS, CLAPConfig, CLAPModel
 
 HTSAT_SIZES = {96: ("tiny", (2, 2, 6, 2)), 128: ("base", (2, 2, 12, 2)), 256: ("large", (2, 2, 12, 2))}
 
@@ -59,21 +62,24 @@ def _detect_audio(sd) -> str:
     if "audio_branch.patch_embed.proj.weight" in sd:
         width = sd["audio_branch.patch_embed.proj.weight"].shape[0]
         if width not in HTSAT_SIZES:
-            raise ValueError(f"HTSAT patch-embed width {width} is none of tiny/base/large (96/128/256)")
+            raise ValueError(f"audio_branch.patch_embed.proj.weight has width {width}, none of HTSAT "
+                             "tiny/base/large (96/128/256)")
         name, depths = HTSAT_SIZES[width]
         found = tuple(_count(sd, rf"audio_branch\.layers\.{i}\.blocks\.(\d+)\.") for i in range(len(depths)))
         if found != depths:
-            raise ValueError(f"HTSAT-{name} has block depths {depths}, the weights have {found}")
+            raise ValueError(f"HTSAT-{name} has block depths {depths}, the weights have {found} "
+                             f"(audio_branch.layers.<i>.blocks.<j>.*)")
         candidates = [n for n in LAION_AUDIO_CONFIGS if n.startswith(f"HTSAT-{name}")]
     elif "audio_branch.conv_block1.conv1.weight" in sd:
         blocks = _count(sd, r"audio_branch\.conv_block(\d+)\.")
         model = {4: "Cnn6", 5: "Cnn10", 6: "Cnn14"}.get(blocks)
         if model is None:
-            raise ValueError(f"a PANN audio branch with {blocks} conv blocks is none of Cnn6/10/14")
+            raise ValueError(f"a PANN audio branch with {blocks} conv blocks (audio_branch.conv_block<n>.*) "
+                             "is none of Cnn6/10/14")
         candidates = [n for n, c in LAION_AUDIO_CONFIGS.items() if c.get("model_name") == model]
     else:
-        raise ValueError("no audio branch found: neither HTSAT (audio_branch.patch_embed.*) nor PANN "
-                         "(audio_branch.conv_block1.*) keys are present")
+        raise ValueError("no audio branch found: neither audio_branch.patch_embed.proj.weight (HTSAT) nor "
+                         "audio_branch.conv_block1.conv1.weight (PANN) is present")
     # the front end is in the weights: STFT size from the kernels, fmax from the mel bank
     kernel, mel = sd.get("audio_branch.spectrogram_extractor.stft.conv_real.weight"), \
         sd.get("audio_branch.logmel_extractor.melW")
@@ -87,7 +93,8 @@ def _detect_audio(sd) -> str:
             continue
         fits.append(n)
     if not fits:
-        raise ValueError(f"the stored STFT kernels / mel filterbank match none of {candidates}")
+        raise ValueError("audio_branch.spectrogram_extractor.stft.conv_real.weight / "
+                         f"audio_branch.logmel_extractor.melW match the front end of none of {candidates}")
     # equal front ends (e.g. PANN-14 and PANN-14-tiny-transformer): the plain name first
     return min(fits, key=len)
 
@@ -101,30 +108,9 @@ def _detect_text(sd) -> str:
         return "bart"
     if "token_embedding.weight" in sd and any(k.startswith("text_branch.resblocks.") for k in sd):
         return "transformer"
-    raise ValueError("no text branch found: none of RoBERTa/BERT (text_branch.embeddings.*), BART "
-                     "(text_branch.shared.*) or CLIP transformer (token_embedding + text_branch.resblocks.*)")
-
-
-def _text_config(tmodel: str, sd) -> T.TextConfig:
-    """Sizes from the tensors; heads = width / 64 (every LAION/HF text tower uses 64-wide heads)."""
-    if tmodel in ("roberta", "bert"):
-        vocab, width = sd["text_branch.embeddings.word_embeddings.weight"].shape
-        return T.default_text_config(
-            tmodel, vocab_size=vocab, hidden_size=width, num_attention_heads=width // 64,
-            num_hidden_layers=_count(sd, r"text_branch\.encoder\.layer\.(\d+)\."),
-            intermediate_size=sd["text_branch.encoder.layer.0.intermediate.dense.weight"].shape[0],
-            max_position_embeddings=sd["text_branch.embeddings.position_embeddings.weight"].shape[0],
-            type_vocab_size=sd["text_branch.embeddings.token_type_embeddings.weight"].shape[0])
-    if tmodel == "bart":
-        vocab, width = sd["text_branch.shared.weight"].shape
-        return T.BartConfig(vocab_size=vocab, d_model=width, encoder_attention_heads=width // 64,
-                            encoder_layers=_count(sd, r"text_branch\.encoder\.layers\.(\d+)\."),
-                            encoder_ffn_dim=sd["text_branch.encoder.layers.0.fc1.weight"].shape[0],
-                            max_position_embeddings=sd["text_branch.encoder.embed_positions.weight"].shape[0] - 2)
-    vocab, width = sd["token_embedding.weight"].shape
-    return T.ClipTextConfig(vocab_size=vocab, width=width, heads=width // 64,
-                            context_length=sd["positional_embedding"].shape[0],
-                            layers=_count(sd, r"text_branch\.resblocks\.(\d+)\."))
+    raise ValueError("no text branch found: none of text_branch.embeddings.word_embeddings.weight (RoBERTa/"
+                     "BERT), text_branch.shared.weight (BART) or token_embedding.weight + "
+                     "text_branch.resblocks.* (CLIP transformer) is present")
 
 
 def detect(sd: Mapping[str, np.ndarray], *, amodel: str | None = None, tmodel: str | None = None,
@@ -143,13 +129,15 @@ def detect(sd: Mapping[str, np.ndarray], *, amodel: str | None = None, tmodel: s
         problems.append(f"--fusion {fusion} but the weights are {'fused (mel_conv2d present)' if found_f else 'unfused'}")
     if problems:
         raise ValueError("the weights contradict the options: " + "; ".join(problems))
-    name = amodel or found_a
-    cfg = CLAPConfig.from_laion(name, found_t, found_f)
-    text = _text_config(found_t, sd)
-    return CLAPConfig(audio=cfg.audio, tmodel=found_t, text=text, amodel=name,
-                      joint_embed_shape=sd["text_projection.2.weight"].shape[0]
-                      if "text_projection.2.weight" in sd else 512,
-                      transform_heads="audio_transform.sequential.0.weight" in sd)
+    # LAION's CLAP always builds the released text towers (roberta-base, bert-base-uncased,
+    # bart-base, or the CLIP transformer of the model config) and 512-d joint heads: the config is
+    # fixed by the names, and every tensor is then checked against it
+    if found_t == "transformer" and amodel is None:
+        layers = _count(sd, r"text_branch\.resblocks\.(\d+)\.")
+        same = [n for n, c in LAION_AUDIO_CONFIGS.items()
+                if c == LAION_AUDIO_CONFIGS[found_a] and LAION_TEXT_LAYERS.get(n, 12) == layers]
+        found_a = same[0] if same else found_a
+    return CLAPConfig.from_laion(amodel or found_a, found_t, found_f)
 
 
 # --- the CLAP-level table ---------------------------------------------------------------------------
@@ -158,9 +146,29 @@ def _module_table(model, name: str) -> K.KeyTable:
     return K.KeyTable(K.derive_entries(getattr(model, name))).prefixed(name, f"{name}.")
 
 
+FRONTEND_BUFFERS = ("spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
+                    "logmel_extractor.melW")
+
+
+def audio_buffer_keys(audio) -> tuple[str, ...]:
+    """The buffers every LAION audio branch state dict holds beside our variables (tower level):
+    the front end, each BatchNorm's counter, each Swin block's position index and shift mask."""
+    keys = list(FRONTEND_BUFFERS)
+    for path, node in nnx.iter_graph(audio):
+        dotted = ".".join(map(str, path))
+        if isinstance(node, nnx.BatchNorm):
+            keys.append(f"{dotted}.num_batches_tracked")
+        elif isinstance(node, swin.SwinTransformerBlock):
+            keys.append(f"{dotted}.attn.relative_position_index")
+            if node.attention_mask() is not None:
+                keys.append(f"{dotted}.attn_mask")
+    return tuple(keys)
+
+
 def laion_table(model: CLAPModel) -> K.KeyTable:
     audio = model.audio_branch
     tower = htsat_laion_table(audio) if isinstance(audio, HTSAT) else pann_laion_table(audio)
+    tower.required = audio_buffer_keys(audio)
     table = tower.prefixed("audio_branch", "audio_branch.") + laion_text_table(model.text_branch)
     heads = ["audio_projection", "text_projection"]
     if model.audio_transform is not None:

@@ -11,13 +11,14 @@ import functools
 
 from clapjax.audio import frontend
 from clapjax.audio.pann import PANN
-from clapjax.convert.keymap import Ignore, KeyTable, derive_entries, expect_equal
+from clapjax.convert.keymap import Ignore, KeyTable, batch_norm_counter, derive_entries, expect_equal
 
 FRONTEND_ATOL = 1e-6  # both sides are float32 casts of the same float64 formulas
 
 NUM_BATCHES_TRACKED = Ignore(
     r"(.+\.)?num_batches_tracked",
-    "BatchNorm step counter: PyTorch uses it only when momentum=None, which LAION never sets")
+    "BatchNorm step counter: PyTorch uses it only when momentum=None, which LAION never sets",
+    batch_norm_counter)
 
 
 def pann_laion_table(model: PANN) -> KeyTable:

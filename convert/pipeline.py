@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
@@ -42,8 +43,21 @@ def read_source(src: str) -> Source:
     return Source("laion", laion.read_state_dict(src))
 
 
-def build(src: Source, *, amodel=None, tmodel=None, fusion=None) -> tuple[CLAPModel, K.KeyTable]:
-    """An abstract (no memory) model of the variant the weights describe, and its key table."""
+def abstract_model(cfg: CLAPConfig) -> CLAPModel:
+    """The model with shapes and dtypes but no memory: conversion fills it tensor by tensor."""
+    return nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(cfg: CLAPConfig, fmt: str) -> tuple[K.KeyTable, dict[str, tuple[int, ...]]]:
+    """Key table and target shapes of a configuration (cached: checking needs no model of its own)."""
+    model = abstract_model(cfg)
+    table = laion.laion_table(model) if fmt == "laion" else hf.hf_table(model)
+    return table, {k: tuple(v.shape) for k, v in K.target_variables(model).items()}
+
+
+def detect_config(src: Source, *, amodel=None, tmodel=None, fusion=None) -> CLAPConfig:
+    """The configuration the weights describe; the overrides must agree with it."""
     if src.fmt == "laion":
         cfg = laion.detect(src.state_dict, amodel=amodel, tmodel=tmodel, fusion=fusion)
     else:
@@ -57,8 +71,7 @@ def build(src: Source, *, amodel=None, tmodel=None, fusion=None) -> tuple[CLAPMo
             problems.append(f"--fusion {fusion} but the config says enable_fusion={cfg.enable_fusion}")
         if problems:
             raise ValueError("the weights contradict the options: " + "; ".join(problems))
-    model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
-    return model, (laion.laion_table(model) if src.fmt == "laion" else hf.hf_table(model))
+    return cfg
 
 
 def describe(cfg: CLAPConfig, fmt: str) -> str:
@@ -73,10 +86,20 @@ def describe(cfg: CLAPConfig, fmt: str) -> str:
 def convert(src_path: str, out_dir: str, *, amodel=None, tmodel=None, fusion=None,
             log: Callable[[str], None] = print) -> K.Report:
     """Convert or raise (KeyMappingError carries the report); nothing is written on failure."""
-    src = read_source(src_path)
-    model, table = build(src, amodel=amodel, tmodel=tmodel, fusion=fusion)
-    log(describe(model.config, src.fmt))
-    report = K.load_state_dict(model, src.state_dict, table)
+    return convert_source(read_source(src_path), out_dir, amodel=amodel, tmodel=tmodel, fusion=fusion, log=log)
+
+
+def convert_source(src: Source, out_dir: str, *, amodel=None, tmodel=None, fusion=None,
+                   log: Callable[[str], None] = print) -> K.Report:
+    cfg = detect_config(src, amodel=amodel, tmodel=tmodel, fusion=fusion)
+    log(describe(cfg, src.fmt))
+    table, shapes = _plan(cfg, src.fmt)
+    report, _ = K.match(src.state_dict, table, shapes)
+    if not report.ok:  # checked on shapes alone, before any tensor is copied
+        raise K.KeyMappingError(report)
+    model = abstract_model(cfg)
+    report = K.load_state_dict(model, src.state_dict,
+                               laion.laion_table(model) if src.fmt == "laion" else hf.hf_table(model))
     extras = {k: src.state_dict[k] for k in report.ignored}
     checkpoint.save(out_dir, model, report=report, source_format=src.fmt, extras=extras)
     if src.hf_config is not None:

@@ -18,13 +18,16 @@ from clapjax.convert import keymap as K
 from clapjax.text import BartModel, BertModel, ClipTextTransformer
 
 
-def _arange_prefix(key, sd):
-    n = sd[key].shape[-1]
-    return np.arange(n).reshape(sd[key].shape)
-
-
-def _zeros_like(key, sd):
-    return np.zeros_like(sd[key])
+def _bert_ignores(cfg) -> list[K.Ignore]:
+    n = cfg.max_position_embeddings
+    return [
+        K.Ignore(r"embeddings\.position_ids",
+                 "buffer arange(max_positions): positions are recomputed from the input ids",
+                 K.expect_equal(lambda k, sd: np.arange(n)[None], "position_ids")),
+        K.Ignore(r"embeddings\.token_type_ids",
+                 "buffer of zeros HF uses when no token types are passed: recomputed",
+                 K.expect_equal(lambda k, sd: np.zeros((1, n), np.int64), "token_type_ids")),
+    ]
 
 
 def _equal_to_shared(key, sd):
@@ -32,15 +35,6 @@ def _equal_to_shared(key, sd):
         raise ValueError("tied embedding present but shared.weight is missing")
     return sd["shared.weight"]
 
-
-BERT_IGNORES = [
-    K.Ignore(r"embeddings\.position_ids",
-             "buffer arange(max_positions): positions are recomputed from the input ids",
-             K.expect_equal(_arange_prefix, "position_ids")),
-    K.Ignore(r"embeddings\.token_type_ids",
-             "buffer of zeros HF uses when no token types are passed: recomputed",
-             K.expect_equal(_zeros_like, "token_type_ids")),
-]
 
 BART_IGNORES = [
     K.Ignore(r"(encoder|decoder)\.embed_tokens\.weight", "tied to shared.weight (checked equal)",
@@ -59,7 +53,7 @@ def _clip_rename(key: str) -> str:
 def tower_table(tower: nnx.Module) -> K.KeyTable:
     """Source keys as the PyTorch tower's own `state_dict()` names them (no prefix)."""
     if isinstance(tower, BertModel):
-        return K.KeyTable(K.derive_entries(tower), list(BERT_IGNORES))
+        return K.KeyTable(K.derive_entries(tower), _bert_ignores(tower.cfg))
     if isinstance(tower, BartModel):
         return K.KeyTable(K.derive_entries(tower), list(BART_IGNORES))
     if isinstance(tower, ClipTextTransformer):

@@ -187,7 +187,8 @@ def test_laion_clap_text_embedding():
     table = text_keys.laion_text_table(ours.text_branch) + K.KeyTable(
         K.derive_entries(ours.text_projection)).prefixed("text_projection", "text_projection.")
     report = K.load_state_dict(ours, sd, table)
-    assert report.ignored == {"text_branch.embeddings.position_ids": text_keys.BERT_IGNORES[0].reason}
+    assert list(report.ignored) == ["text_branch.embeddings.position_ids"]
+    assert "recomputed from the input ids" in report.ignored["text_branch.embeddings.position_ids"]
     ids, mask = padded_batch(np.random.default_rng(7), 3, lengths=[6, 77, 21])
     with torch.no_grad():
         want = model.get_text_embedding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
