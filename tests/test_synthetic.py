@@ -1,0 +1,202 @@
+"""The procedural audio–caption generator: determinism, the held-out split, the audio matching its
+captions, speed, and the BPE tokenizer trained on its captions."""
+import re
+import time
+
+import numpy as np
+import pytest
+
+from clapjax import synthetic as S
+from clapjax.audio.frontend import FrontEndConfig
+
+SR = S.SAMPLE_RATE
+ONE_S = SR
+
+
+def _clips(kind, n=200, seed=0, split="train", clip_samples=ONE_S):
+    ds = S.synthetic_dataset(seed, n, split, clip_samples=clip_samples)
+    return ds, [i for i, s in enumerate(ds.specs) if s.kind == kind and s.mix_kind is None]
+
+
+def _event(ds, i):
+    s = ds.specs[i]
+    return ds.waveform(i)[s.onset:s.onset + s.length]
+
+
+def test_deterministic_by_seed_and_independent_of_order():
+    a = S.synthetic_dataset(3, 40, clip_samples=ONE_S)
+    b = S.synthetic_dataset(3, 40, clip_samples=ONE_S)
+    assert a.captions == b.captions and a.specs == b.specs
+    w = a.waveforms([7, 2, 30], threads=2)
+    np.testing.assert_array_equal(w[0], b.waveform(7))
+    np.testing.assert_array_equal(w[1], b.waveform(2))
+    np.testing.assert_array_equal(w, a.waveforms([7, 2, 30], threads=1))
+    # a longer set starts with the same clips; another seed differs
+    assert S.synthetic_dataset(3, 60, clip_samples=ONE_S).captions[:40] == a.captions
+    c = S.synthetic_dataset(4, 40, clip_samples=ONE_S)
+    assert c.captions != a.captions
+    assert not np.array_equal(c.waveforms(range(5)), a.waveforms(range(5)))
+
+
+def test_heldout_combinations_never_in_training_but_every_value_is():
+    held = S.heldout_combinations()
+    combos = S.combinations()
+    assert 0.15 * len(combos) <= len(held) <= 0.25 * len(combos)
+    train = S.synthetic_dataset(0, 3000, "train", clip_samples=ONE_S)
+    heldout = S.synthetic_dataset(0, 500, "heldout", clip_samples=ONE_S)
+    seen = {s.combination for s in train.specs}
+    assert not seen & held
+    assert {s.combination for s in heldout.specs} <= held
+    assert len({s.combination for s in heldout.specs}) == len(held)  # 500 draws cover all 24
+    # each attribute value of every held-out clip occurs in training, alone
+    for j, name in enumerate(("kind", "value", "modulation", "loudness")):
+        assert {c[j] for c in held} <= {s.combination[j] for s in train.specs}, name
+    for kind in ("tone", "chirp", "noise", "clicks"):
+        assert any(c[0] == kind for c in held)
+
+
+def test_captions_name_the_attributes():
+    ds = S.synthetic_dataset(1, 300, clip_samples=ONE_S)
+    words = {"rising": ("rising", "upward", "going up"), "falling": ("falling", "downward", "going down"),
+             "quiet": ("quiet", "soft", "faint"), "moderate": ("moderat", "medium"),
+             "loud": ("loud", "strong", "powerful"), "short": ("short", "brief"),
+             "long": ("long", "sustained", "continuous"), "tremolo": ("tremolo", "pulsing", "throbbing"),
+             "vibrato": ("vibrato", "wobbling", "warbling")}
+    numbers = {"2": "two", "4": "four", "8": "eight", "16": "sixteen"}
+    for spec, caps in zip(ds.specs, ds.captions):
+        assert len(caps) == 5 and len(set(caps)) >= 2
+        for cap in caps:
+            value_words = words.get(spec.value, (spec.value, numbers.get(spec.value, "§")))
+            assert any(w in cap for w in value_words), (spec, cap)
+            if spec.loudness == "loud":  # "loud" alone, not inside "moderately loud"
+                assert re.search(r"(?<!moderately )loud|strong|powerful", cap), (spec, cap)
+            else:
+                assert any(w in cap for w in words[spec.loudness]), (spec, cap)
+            assert any(w in cap for w in words[spec.duration]), (spec, cap)
+            if spec.modulation != "none":
+                assert any(w in cap for w in words[spec.modulation]), (spec, cap)
+            if spec.kind == "clicks":
+                assert "click" in cap
+            if spec.mix_kind is not None:
+                assert any(w in cap for w in ("mixed with", " over ", "together with", "background")), cap
+
+
+def test_tones_sit_at_their_named_pitch():
+    ds, idx = _clips("tone")
+    assert len(idx) >= 10
+    for i in idx[:10]:
+        x = _event(ds, i).astype(np.float64)
+        spec = np.abs(np.fft.rfft(x * np.hanning(len(x)), 8 * len(x)))
+        f_peak = np.argmax(spec) * SR / (8 * len(x))
+        f0 = S.note_hz(ds.specs[i].value)
+        tol = 0.04 * f0 if ds.specs[i].modulation == "vibrato" else SR / len(x)
+        assert abs(f_peak - f0) <= tol, (ds.specs[i], f_peak, f0)
+    assert S.note_hz("C4") == pytest.approx(261.6256, abs=1e-3)
+    with pytest.raises(ValueError, match="note"):
+        S.note_hz("H2")
+
+
+def test_chirps_sweep_in_their_direction():
+    ds, idx = _clips("chirp")
+    for i in idx[:8]:
+        x = _event(ds, i).astype(np.float64)
+        half = len(x) // 2
+
+        def centroid(seg):
+            p = np.abs(np.fft.rfft(seg)) ** 2
+            return (np.fft.rfftfreq(len(seg), 1 / SR) * p).sum() / p.sum()
+        up = centroid(x[half:]) > centroid(x[:half])
+        assert up == (ds.specs[i].value == "rising"), ds.specs[i]
+
+
+def test_noise_colours_have_their_spectral_slope():
+    ds, idx = _clips("noise", n=300)
+    ratios = {}
+    for i in idx:
+        x = _event(ds, i).astype(np.float64)
+        p = np.abs(np.fft.rfft(x)) ** 2
+        f = np.fft.rfftfreq(len(x), 1 / SR)
+        low, high = p[(f > 100) & (f < 400)].mean(), p[(f > 4000) & (f < 16000)].mean()
+        ratios.setdefault(ds.specs[i].value, []).append(10 * np.log10(low / high))
+    med = {c: np.median(v) for c, v in ratios.items()}
+    assert set(med) == set(S.NOISE_COLOURS)
+    assert abs(med["white"]) < 3 and 10 < med["pink"] < 25 and med["brown"] > med["pink"] + 10, med
+
+
+def test_click_trains_click_at_their_rate_and_loudness_is_its_peak():
+    ds, idx = _clips("clicks", n=400, clip_samples=4 * ONE_S)
+    checked = 0
+    for i in idx:
+        s = ds.specs[i]
+        if s.modulation != "none" or s.length < ONE_S:
+            continue
+        x = _event(ds, i)
+        onsets = np.flatnonzero((np.abs(x[1:]) > 0.01 * s.peak) & (np.abs(x[:-1]) <= 0.01 * s.peak)
+                                & (np.abs(x[:-1]) == 0))
+        expected = int(np.ceil(len(x) / (SR / int(s.value))))
+        assert abs(len(onsets) - expected) <= 1, (s, len(onsets), expected)
+        checked += 1
+    assert checked >= 5
+    for spec, w in zip(ds.specs[:40], ds.waveforms(range(40))):
+        peak_db = 20 * np.log10(np.abs(w).max())
+        assert abs(peak_db - S.LOUDNESS_PEAK_DBFS[spec.loudness]) <= 2.01, spec
+        assert not w[:spec.onset].any() and not w[spec.onset + spec.length:].any()
+
+
+def test_frontend_sets_the_clip_length_and_bad_arguments_fail():
+    fe = FrontEndConfig(clip_samples=2 * ONE_S)
+    ds = S.synthetic_dataset(0, 3, "heldout", frontend=fe)
+    assert ds.waveforms().shape == (3, 2 * ONE_S) and ds.waveforms().dtype == np.float32
+    assert ds.key(2) == "synthetic-heldout-0-0000002"
+    with pytest.raises(ValueError, match="split"):
+        S.synthetic_dataset(0, 3, "test")
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        S.synthetic_dataset(0, 0)
+    with pytest.raises(ValueError, match="shorter than 0.1 s"):
+        S.synthetic_dataset(0, 2, clip_samples=100)
+    with pytest.raises(IndexError):
+        ds.waveform(3)
+
+
+def test_zero_shot_labels():
+    ds = S.synthetic_dataset(0, 300, "heldout", clip_samples=ONE_S)
+    for task, classes in S.ZERO_SHOT_CLASSES.items():
+        lab = ds.labels(task)
+        assert lab.shape == (300,) and lab.max() < len(classes)
+    kind = ds.labels("kind")
+    for s, k in zip(ds.specs, kind):
+        if s.mix_kind is not None:
+            assert k == -1
+        else:
+            cls = S.KIND_CLASSES[k]
+            assert (s.value in cls) or (s.kind == "tone" and "tone" in cls) or (s.kind == "clicks" and "click" in cls)
+    assert (ds.labels("loudness") >= 0).all()
+    pitch = ds.labels("pitch")
+    assert all((p >= 0) == (s.kind == "tone" and s.mix_kind is None) for s, p in zip(ds.specs, pitch))
+    with pytest.raises(ValueError, match="zero-shot task"):
+        ds.labels("colour")
+
+
+def test_renders_fast():
+    """A few thousand 10 s clips must take seconds to tens of seconds: time 100 into one buffer."""
+    ds = S.synthetic_dataset(0, 100)
+    out = np.empty(S.CLIP_SAMPLES, np.float32)
+    ds.render_into(0, out)  # the noise bank is made once
+    t0 = time.perf_counter()
+    for i in range(100):
+        ds.render_into(i, out)
+    per_clip = (time.perf_counter() - t0) / 100
+    assert per_clip < 0.02, f"{per_clip * 1e3:.1f} ms per 10 s clip"
+
+
+def test_tokenizer_trained_on_captions(tmp_path):
+    tok = S.train_tokenizer(tmp_path / "tok", n=500, vocab_size=600)
+    ds = S.synthetic_dataset(9, 50, "heldout", clip_samples=ONE_S)
+    texts = [c for caps in ds.captions for c in caps]
+    enc = tok(texts)
+    assert enc["input_ids"].shape == (len(texts), 77) and enc["input_ids"].dtype == np.int32
+    assert not (enc["input_ids"] == 3).any()  # <unk>: byte-level BPE covers everything
+    # the vocabulary learned whole attribute words
+    assert (enc["attention_mask"].sum(1) < 40).all()
+    prompt = tok(["the sound of a pure tone at C4"])
+    assert prompt["attention_mask"].sum() <= 14
