@@ -113,6 +113,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def self_attention(query: nnx.Linear, key: nnx.Linear, value: nnx.Linear, x: jax.Array, bias: jax.Array | None,
+                   num_heads: int, dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
+                   rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Multi-head self-attention from three projections (B, N, D) → merged heads (B, N, D), with
+    q scaled by head_dim^-0.5 as HF's BERT/RoBERTa/BART and torch's MultiheadAttention do."""
+    b, n, _ = x.shape
+    q, k, v = query(x), key(x), value(x)
+    hd = q.shape[-1] // num_heads
+    q = q.reshape(b, n, num_heads, hd) * (hd ** -0.5)
+    out = dot_product_attention(q, k.reshape(b, n, num_heads, hd), v.reshape(b, n, num_heads, hd), bias,
+                                dropout, deterministic=deterministic, rngs=rngs)
+    return out.reshape(b, n, num_heads * hd)
+
+
 def padding_bias(attention_mask: jax.Array) -> jax.Array:
     """(B, L) 1/0 mask → additive (B, 1, 1, L) bias, as HF builds it: (1 - m)·finfo(f32).min."""
     m = attention_mask.astype(jnp.float32)

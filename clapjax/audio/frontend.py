@@ -130,8 +130,10 @@ def hann_window(n: int) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
 
 
+@functools.lru_cache(maxsize=8)
 def stft_kernels(cfg: FrontEndConfig) -> tuple[np.ndarray, np.ndarray]:
-    """torchlibrosa's STFT Conv1d weights, each (n_fft//2+1, 1, n_fft) float32.
+    """torchlibrosa's STFT Conv1d weights, each (n_fft//2+1, 1, n_fft) float32, read-only (cached:
+    every checkpoint check of the stored kernels compares against them).
 
     real[k, 0, n] = cos(2πkn/N)·w[n], imag[k, 0, n] = −sin(2πkn/N)·w[n]: what checkpoints store as
     `spectrogram_extractor.stft.conv_real.weight` / `conv_imag.weight`. Reducing k·n mod N keeps the
@@ -143,6 +145,7 @@ def stft_kernels(cfg: FrontEndConfig) -> tuple[np.ndarray, np.ndarray]:
     w = hann_window(n)[None, :]
     real = (np.cos(angle) * w).astype(np.float32)[:, None, :]
     imag = (-np.sin(angle) * w).astype(np.float32)[:, None, :]
+    real.flags.writeable = imag.flags.writeable = False
     return real, imag
 
 

@@ -71,14 +71,8 @@ class BartAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.attention_dropout)
 
     def __call__(self, x, bias, *, deterministic=True, rngs=None):
-        b, n, d = x.shape
-        h = self.num_heads
-        hd = d // h
-        q = self.q_proj(x).reshape(b, n, h, hd) * (hd ** -0.5)
-        k = self.k_proj(x).reshape(b, n, h, hd)
-        v = self.v_proj(x).reshape(b, n, h, hd)
-        out = L.dot_product_attention(q, k, v, bias, self.dropout, deterministic=deterministic, rngs=rngs)
-        return self.out_proj(out.reshape(b, n, d))
+        return self.out_proj(L.self_attention(self.q_proj, self.k_proj, self.v_proj, x, bias, self.num_heads,
+                                              self.dropout, deterministic=deterministic, rngs=rngs))
 
 
 class BartEncoderLayer(nnx.Module):

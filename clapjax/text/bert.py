@@ -120,14 +120,8 @@ class BertSelfAttention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
 
     def __call__(self, x, bias, *, deterministic=True, rngs=None):
-        b, n, d = x.shape
-        h = self.num_heads
-        hd = d // h
-        q = self.query(x).reshape(b, n, h, hd) * (hd ** -0.5)
-        k = self.key(x).reshape(b, n, h, hd)
-        v = self.value(x).reshape(b, n, h, hd)
-        out = L.dot_product_attention(q, k, v, bias, self.dropout, deterministic=deterministic, rngs=rngs)
-        return out.reshape(b, n, d)
+        return L.self_attention(self.query, self.key, self.value, x, bias, self.num_heads, self.dropout,
+                                deterministic=deterministic, rngs=rngs)
 
 
 class BertSelfOutput(nnx.Module):
