@@ -18,7 +18,9 @@ None. A name the table does not know is an error: a new logical axis must be pla
 
 The batch is sharded over every batch axis of the mesh (('data', 'fsdp') by default), so with
 FSDP each device sees a different slice of the batch and XLA all-gathers the parameter shards it
-needs at use ("ZeRO-3").
+needs at use ("ZeRO-3"). Left alone, XLA's propagation may also split an activation's feature
+dimension over 'fsdp' (it follows the parameter layout); pin the batch layout of what the step
+returns (embeddings, loss inputs) with `constrain(x, ('batch', None), mesh)`.
 
 Mesh axis types are `Auto` (sharding propagation by XLA), not jax 0.10's default `Explicit`.
 """
