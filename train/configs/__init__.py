@@ -1,0 +1,1 @@
+"""Training config files: `get_config(arg)` each; see clapjax.train.config."""
