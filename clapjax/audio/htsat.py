@@ -132,7 +132,11 @@ class HTSATConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, **kw) -> "HTSATConfig":
-        """From a transformers `ClapAudioConfig` (no SED head: HF's audio model has none)."""
+        """From a transformers `ClapAudioConfig` (no SED head: HF's audio model has none).
+
+        HF keeps sample rate / STFT / fmin / fmax in `ClapFeatureExtractor`, not in the model config;
+        the front end takes LAION's values (those of every released checkpoint) unless `frontend=`.
+        """
         if hf_config.enable_fusion and hf_config.fusion_type == "channel_map":
             raise NotImplementedError("HF fusion_type 'channel_map' has no forward path; not implemented")
         stride = hf_config.patch_stride
@@ -247,7 +251,8 @@ class HTSAT(nnx.Module):
     def __init__(self, cfg: HTSATConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         p, eps = cfg.precision, cfg.layer_norm_eps
-        self.bn0 = L.batch_norm(cfg.frontend.mel_bins, rngs, prec=p)
+        # bn0 normalises dB values (tens of dB): kept in float32 whatever the compute dtype
+        self.bn0 = L.batch_norm(cfg.frontend.mel_bins, rngs, prec=L.Precision(jnp.float32, p.param_dtype))
         self.patch_embed = PatchEmbed(cfg, rngs)
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         layers, start = [], 0
@@ -262,10 +267,11 @@ class HTSAT(nnx.Module):
         if cfg.sed_head:
             sf = cfg.final_grid // cfg.freq_ratio
             self.tscam_conv = L.conv2d(cfg.num_features, cfg.num_classes, (sf, 3), rngs, padding=(0, 1), prec=p)
+            # LAION builds `head` but never calls it; kept so checkpoints load and export whole
             self.head = L.linear(cfg.num_classes, cfg.num_classes, (None, None), rngs, prec=p, init_std=0.02)
         else:
             self.tscam_conv = None
-            self.head = None  # LAION builds `head` but never calls it; kept only for the checkpoint keys
+            self.head = None
 
     # --- inputs ---------------------------------------------------------------------------------
     def _mels(self, waveform, mel_fusion, longer):
@@ -298,7 +304,7 @@ class HTSAT(nnx.Module):
         if not deterministic and randomised and rngs is None:
             raise ValueError("deterministic=False (training) needs rngs for drop-path / SpecAugment")
         x, longer = self._mels(waveform, mel_fusion, longer)
-        x = self.bn0(x.astype(cfg.precision.dtype), use_running_average=deterministic)  # BN over mel bins
+        x = self.bn0(x.astype(jnp.float32), use_running_average=deterministic)  # BN over mel bins
         if not deterministic and cfg.spec_augment:
             x = spec_augment(x, rngs.augment(), cfg)
         if longer is not None and not deterministic:
@@ -306,7 +312,8 @@ class HTSAT(nnx.Module):
             forced = jax.nn.one_hot(jax.random.randint(rngs.augment(), (), 0, x.shape[0]), x.shape[0]) > 0
             longer = jnp.where(jnp.any(longer), longer, forced)
         img = fe.reshape_wav2img(x, cfg.spec_size, cfg.freq_ratio)   # (B, C, S, S)
-        x = self.patch_embed(jnp.transpose(img, (0, 2, 3, 1)), longer, deterministic=deterministic)
+        img = jnp.transpose(img, (0, 2, 3, 1)).astype(cfg.precision.dtype)
+        x = self.patch_embed(img, longer, deterministic=deterministic)
         for layer in self.layers:
             x = layer(x, deterministic=deterministic, rngs=rngs)
         x = self.norm(x)                                              # (B, h, w, D)
