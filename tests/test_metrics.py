@@ -165,3 +165,78 @@ def test_chance_levels():
     assert c["mAP@10"] == pytest.approx(sum(1 / r for r in range(1, 11)) / 100)
     with pytest.raises(ValueError):
         M.chance_levels(0)
+
+
+# --- the evaluator on a tiny CLAP --------------------------------------------------------------------
+
+def _tiny_model():
+    from flax import nnx
+    from clapjax.model import CLAPConfig, CLAPModel
+    cfg = CLAPConfig.from_laion(
+        "HTSAT-tiny", "roberta", joint_embed_shape=16,
+        audio_overrides=dict(embed_dim=8, spec_size=64, depths=(1, 1), num_heads=(1, 1), window_size=8,
+                             num_classes=10, frontend=dict(sample_rate=48000, window_size=1024, hop_size=480,
+                                                           mel_bins=32, fmin=50.0, fmax=14000.0,
+                                                           clip_samples=48000)),
+        text_overrides=dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=80))
+    return CLAPModel(cfg, nnx.Rngs(0))
+
+
+def test_evaluator_on_synthetic_heldout(tmp_path):
+    from clapjax import synthetic as S
+    from clapjax.audio import io as audio_io
+    from clapjax.train import evaluate as E
+    from clapjax.train import sharding
+    model = _tiny_model()
+    tok = S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
+    ds = S.synthetic_dataset(0, 20, "heldout", clip_samples=48000)
+    es = E.EvalSet.from_synthetic(ds)
+    assert set(es.zero_shot) == {"kind", "pitch", "loudness", "click_rate"}
+    res = E.Evaluator(es, tok, batch_size=8, keep_embeddings=True)(model)
+    m = res.metrics
+    assert res.audio_embeddings.shape == (20, 16) and res.text_embeddings.shape == (100, 16)
+    # embeddings are the model's on LAION-prepared clips; metrics are the 5-caption protocol on them
+    x = audio_io.quantize_int16(ds.waveform(3))
+    want = model.get_audio_embedding({"waveform": audio_io.get_audio_features(x, model.config.frontend)["waveform"][None]})
+    np.testing.assert_allclose(res.audio_embeddings[3], np.asarray(want)[0], atol=1e-5)
+    ref = M.to_python(M.clotho_audiocaps_metrics(res.audio_embeddings, res.text_embeddings, 1 / 0.07))
+    for k, v in ref.items():
+        assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert {"zero_shot/kind/top1", "zero_shot/pitch/mAP@10", "zero_shot/loudness/top5"} <= set(m)
+    assert res.chance["retrieval/R@1"] == 1 / 20 and res.chance["zero_shot/kind/top1"] == 1 / 7
+    table = E.format_table(res, "held-out")
+    assert "text_to_audio R@1" in table and "zero-shot kind/top1" in table
+    # the same evaluation with the batches sharded over 8 devices
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+    sharded = E.Evaluator(es, tok, batch_size=8, mesh=mesh)(model).metrics
+    for k, v in m.items():
+        assert sharded[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_eval_command_on_a_manifest(tmp_path, capsys):
+    import json
+    import soundfile as sf
+    from clapjax import synthetic as S
+    from clapjax.convert import checkpoint
+    from clapjax.train import evaluate as E
+    model = _tiny_model()
+    checkpoint.save(str(tmp_path / "ckpt"), model)
+    S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
+    ds = S.synthetic_dataset(1, 6, "heldout", clip_samples=48000)
+    rows = []
+    for i in range(6):
+        sf.write(tmp_path / f"{i}.wav", ds.waveform(i), 48000, subtype="FLOAT")
+        rows.append(json.dumps({"path": f"{i}.wav", "caption": ds.captions[i][0]}))
+    rows.append(json.dumps({"path": "gone.wav", "caption": "missing"}))   # skipped, logged
+    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    assert E.main([str(tmp_path / "ckpt"), str(tmp_path / "m.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+                   "--batch-size", "4", "--json", str(tmp_path / "out.json")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    m = out["metrics"]
+    assert m["num_samples"] == 6 and 1 <= m["text_to_audio_mean_rank"] <= 6   # get_metrics: one caption each
+    assert out["chance"]["retrieval/R@1"] == pytest.approx(1 / 6)
+    printed = capsys.readouterr().out
+    assert "manifest: 6 clips" in printed and "text_to_audio R@1" in printed
+    es = E.eval_set_from_spec("synthetic:train:5:3", 48000, 48000)
+    assert len(es) == 5 and es.keys[0] == "synthetic-train-3-0000000"

@@ -1,0 +1,258 @@
+"""Evaluation: retrieval (LAION's metrics, the 5-caption Clotho/AudioCaps protocol) and zero-shot
+classification of a model on an evaluation set, sharded over a mesh when one is given.
+
+    ev = Evaluator(EvalSet.from_synthetic(heldout_set), tokenizer, batch_size=64, mesh=mesh)
+    result = ev(model)          # result.metrics: {'audio_to_text_R@1': …, 'zero_shot/kind/top1': …}
+    print(format_table(result))
+
+Clips are prepared as in training (int16 round trip, crop/fill, fusion mel) with a fixed per-clip
+seed, so an evaluation is deterministic. Embeddings are computed in fixed-size global batches (the
+tail padded, so one compile serves all); with a mesh each process feeds its rows of every batch and
+the embeddings stay global, batch-sharded arrays; the metrics (train/metrics.py) run on them under
+jit and return replicated scalars.
+
+Retrieval uses the Clotho/AudioCaps protocol when every clip has the same K > 1 captions, else LAION's
+`get_metrics` on each clip's first caption. Zero-shot tasks embed each class name through every
+prompt template and average (LAION's zero-shot classifier).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clapjax.audio import io as audio_io
+from clapjax.train import metrics as M
+
+log = logging.getLogger("clapjax.train.evaluate")
+DEFAULT_TEMPLATES = ("the sound of {}", "{}", "a recording of {}")
+
+
+@dataclasses.dataclass
+class ZeroShotTask:
+    classes: Sequence[str]
+    labels: np.ndarray                  # (num_clips,) class index, −1 where the task does not apply
+    templates: Sequence[str] = DEFAULT_TEMPLATES
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Clips (any length, at the front end's rate) with their captions and optional zero-shot tasks."""
+
+    name: str
+    captions: list[list[str]]
+    audio: Callable[[Sequence[int]], Sequence[np.ndarray]]     # clip indices → waveforms
+    zero_shot: dict[str, ZeroShotTask] = dataclasses.field(default_factory=dict)
+    keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @classmethod
+    def from_synthetic(cls, ds, tasks: Sequence[str] | None = None, name: str | None = None) -> "EvalSet":
+        """A `clapjax.synthetic.SyntheticSet`; `tasks` defaults to every zero-shot task it has labels for."""
+        from clapjax import synthetic as S
+        tasks = list(S.ZERO_SHOT_CLASSES) if tasks is None else list(tasks)
+        zs = {}
+        for t in tasks:
+            labels = ds.labels(t)
+            if (labels >= 0).any():
+                zs[t] = ZeroShotTask(S.ZERO_SHOT_CLASSES[t], labels, S.PROMPT_TEMPLATES)
+        return cls(name or f"synthetic-{ds.split}", [list(c) for c in ds.captions],
+                   lambda idx: list(ds.waveforms(idx)), zs, [ds.key(i) for i in range(len(ds))])
+
+    @classmethod
+    def from_source(cls, source, sample_rate: int, name: str | None = None) -> "EvalSet":
+        """Every readable record of a data source (tar shards, manifest), all its captions kept; bad
+        records are skipped and logged by key."""
+        from clapjax.train.data_sources import captions, decode
+        waves, caps, keys = [], [], []
+        for r in range(source.num_records):
+            raw = source.read(r)
+            try:
+                texts = captions(raw) if not raw.problem else None
+                x = decode(raw, sample_rate)
+            except ValueError as err:
+                log.warning("evaluation set: skipping bad sample %s: %s", raw.key, err)
+                continue
+            waves.append(x)
+            caps.append(texts)
+            keys.append(raw.key)
+        if not waves:
+            raise ValueError(f"evaluation set {name or source.name}: no readable sample")
+        return cls(name or source.name, caps, lambda idx: [waves[i] for i in idx], {}, keys)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    chance: dict[str, float]
+    audio_embeddings: np.ndarray | None = None    # (N, D), host copies (single process)
+    text_embeddings: np.ndarray | None = None     # (N·K, D)
+
+
+class Evaluator:
+    """Evaluates models on one EvalSet; compiled functions are reused across calls (periodic eval)."""
+
+    def __init__(self, eval_set: EvalSet, tokenizer, *, batch_size: int = 64, mesh=None, seed: int = 0,
+                 crop_mode: str = "random", a2t_map: str = "laion", keep_embeddings: bool = False):
+        if len(eval_set) == 0:
+            raise ValueError("empty evaluation set")
+        self.set, self.tokenizer, self.mesh, self.seed = eval_set, tokenizer, mesh, seed
+        self.crop_mode, self.a2t_map, self.keep = crop_mode, a2t_map, keep_embeddings
+        shards = 1
+        if mesh is not None:
+            from clapjax.train import sharding
+            shards = sharding.num_batch_shards(mesh)
+        self.batch_size = -(-batch_size // shards) * shards      # a multiple of the batch shards
+        self._fns: dict = {}
+
+    # --- host-side batches --------------------------------------------------------------------------
+    def _audio_batch(self, idx: list[int], frontend, fused: bool) -> dict[str, np.ndarray]:
+        feats = []
+        for i, w in zip(idx, self.set.audio(idx)):
+            rng = np.random.default_rng((self.seed, i))
+            x = audio_io.quantize_int16(np.asarray(w, np.float32))
+            feats.append(audio_io.get_audio_features(x, frontend, "fusion" if fused else "rand_trunc", "repeatpad",
+                                                     rng=rng, crop_mode=self.crop_mode))
+        if fused:
+            return {"mel_fusion": np.stack([f["mel_fusion"] for f in feats]).astype(np.float32),
+                    "longer": np.array([f["longer"] for f in feats], bool)}
+        return {"waveform": np.stack([f["waveform"] for f in feats])}
+
+    def _place(self, batch: dict[str, np.ndarray]):
+        """A full global host batch → what the jitted function takes (this process's rows, sharded)."""
+        if self.mesh is None:
+            return batch
+        from clapjax.train import sharding
+        p, n = jax.process_index(), jax.process_count()
+        rows = len(next(iter(batch.values()))) // n
+        return sharding.global_batch_from_local({k: v[p * rows:(p + 1) * rows] for k, v in batch.items()},
+                                                self.mesh)
+
+    def _embed(self, fn, state, count: int, make_batch: Callable[[list[int]], dict]) -> jax.Array:
+        parts = []
+        for start in range(0, count, self.batch_size):
+            idx = list(range(start, min(count, start + self.batch_size)))
+            idx += [idx[-1]] * (self.batch_size - len(idx))       # pad with the last row
+            parts.append(fn(state, self._place(make_batch(idx))))
+        return self._fns["concat"](parts, count)
+
+    def _functions(self, graphdef):
+        if self._fns.get("graphdef") != graphdef:   # one compile per model structure
+            @jax.jit
+            def audio_fn(state, batch):
+                return nnx.merge(graphdef, state).get_audio_embedding(batch)
+
+            @jax.jit
+            def text_fn(state, batch):
+                return nnx.merge(graphdef, state).get_text_embedding(batch)
+
+            @jax.jit
+            def scale_fn(state):
+                return jnp.exp(nnx.merge(graphdef, state).logit_scale_a[...])
+
+            self._fns = {"graphdef": graphdef, "audio": audio_fn, "text": text_fn, "scale": scale_fn,
+                         "concat": jax.jit(lambda parts, n: jnp.concatenate(parts)[:n], static_argnums=1)}
+        return self._fns
+
+    # --- the evaluation ------------------------------------------------------------------------------
+    def __call__(self, model) -> EvalResult:
+        graphdef, state = nnx.split(model)
+        fns = self._functions(graphdef)
+        cfg = model.config
+        n = len(self.set)
+        audio = self._embed(fns["audio"], state, n, lambda idx: self._audio_batch(idx, cfg.frontend, cfg.enable_fusion))
+        counts = {len(c) for c in self.set.captions}
+        k = counts.pop() if len(counts) == 1 else 1
+        texts = [c for caps in self.set.captions for c in caps] if k > 1 else [c[0] for c in self.set.captions]
+        text = self._embed(fns["text"], state, len(texts), lambda idx: self.tokenizer([texts[i] for i in idx]))
+        scale = fns["scale"](state)
+        if k > 1:
+            metrics = M.to_python(M.clotho_audiocaps_metrics(audio, text, scale, captions_per_clip=k,
+                                                             a2t_map=self.a2t_map))
+        else:
+            metrics = M.to_python(M.retrieval_metrics(audio, text, scale))
+        chance = {f"retrieval/{key}": v for key, v in M.chance_levels(n).items()}
+        for name, task in self.set.zero_shot.items():
+            prompts = [t.format(c) for c in task.classes for t in task.templates]
+            emb = self._embed(fns["text"], state, len(prompts), lambda idx: self.tokenizer([prompts[i] for i in idx]))
+            classes = M.class_embeddings(emb.reshape(len(task.classes), len(task.templates), -1))
+            zs = M.zero_shot_metrics(audio, classes, jnp.asarray(task.labels, jnp.int32))
+            metrics.update(M.to_python(zs, prefix=f"zero_shot/{name}/"))
+            c = len(task.classes)
+            chance.update({f"zero_shot/{name}/top1": 1 / c, f"zero_shot/{name}/top5": min(5, c) / c})
+        out = EvalResult(metrics, chance)
+        if self.keep and jax.process_count() == 1:
+            out.audio_embeddings, out.text_embeddings = np.asarray(audio), np.asarray(text)
+        return out
+
+
+def format_table(result: EvalResult, title: str = "") -> str:
+    """R@1 / R@5 / mAP@10 both ways and zero-shot accuracy, each beside its chance level."""
+    m, c = result.metrics, result.chance
+    lines = [title] if title else []
+    lines.append(f"{'metric':<28}{'value':>9}{'chance':>9}{'× chance':>10}")
+
+    def row(name, value, base):
+        ratio = f"{value / base:>10.1f}" if base else f"{'':>10}"
+        lines.append(f"{name:<28}{value:>9.4f}{base:>9.4f}{ratio}")
+    for d in ("text_to_audio", "audio_to_text"):
+        for k in ("R@1", "R@5", "mAP@10"):
+            if f"{d}_{k}" in m:
+                row(f"{d} {k}", m[f"{d}_{k}"], c[f"retrieval/{k}"])
+    for key in sorted(k for k in m if k.startswith("zero_shot/") and k.endswith(("top1", "top5"))):
+        row(key.replace("zero_shot/", "zero-shot "), m[key], c[key])
+    return "\n".join(lines)
+
+
+# --- `clapjax eval CKPT DATA` -----------------------------------------------------------------------
+
+def eval_set_from_spec(spec: str, sample_rate: int, clip_samples: int) -> EvalSet:
+    """'synthetic[:split[:n[:seed]]]', a manifest (.jsonl/.csv), or tar shards (dir, glob, brace range)."""
+    if spec.startswith("synthetic"):
+        from clapjax import synthetic as S
+        parts = spec.split(":")[1:]
+        split = parts[0] if parts else "heldout"
+        n = int(parts[1]) if len(parts) > 1 else 256
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        return EvalSet.from_synthetic(S.synthetic_dataset(seed, n, split, sample_rate=sample_rate,
+                                                          clip_samples=clip_samples))
+    from clapjax.train.data_sources import Manifest, TarShards
+    source = Manifest(spec) if spec.endswith((".jsonl", ".json", ".csv")) else TarShards(spec)
+    return EvalSet.from_source(source, sample_rate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="clapjax eval", description="retrieval and zero-shot metrics of a checkpoint")
+    p.add_argument("checkpoint", help="a directory written by `clapjax convert` (or a training export)")
+    p.add_argument("data", help="'synthetic[:split[:n[:seed]]]', a manifest .jsonl/.csv, or tar shards")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab.json + merges.txt, …)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="per-clip crop seed")
+    p.add_argument("--json", help="also write the metrics here")
+    args = p.parse_args(argv)
+    from clapjax.convert import checkpoint
+    from clapjax.tokenizer import Tokenizer
+    model = checkpoint.restore(args.checkpoint)
+    fe = model.config.frontend
+    tok = Tokenizer(args.tokenizer, kind=model.config.tmodel)
+    es = eval_set_from_spec(args.data, fe.sample_rate, fe.clip_samples)
+    result = Evaluator(es, tok, batch_size=args.batch_size, seed=args.seed)(model)
+    print(format_table(result, f"{es.name}: {len(es)} clips"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"metrics": result.metrics, "chance": result.chance}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
