@@ -154,9 +154,7 @@ def _compare_laion(ref, ours, label, **inputs):
     errs = {k: _max_abs(got[k], want[k].numpy()) for k in
             ("embedding", "clipwise_output", "framewise_output", "fine_grained_embedding")}
     _report(label, **errs)
-    assert errs["embedding"] <= TOL and errs["clipwise_output"] <= TOL, errs
-    # the finer outputs are copies of the same numbers; allow their larger magnitudes float noise
-    assert errs["framewise_output"] <= TOL and errs["fine_grained_embedding"] <= 5 * TOL, errs
+    assert max(errs.values()) <= TOL, errs
     return got
 
 
