@@ -1,4 +1,4 @@
-"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve."""
+"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train."""
 from __future__ import annotations
 
 import argparse
@@ -143,6 +143,15 @@ def cmd_retrieve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from clapjax.train import config as config_lib, loop
+    cfg = config_lib.load_config(args.config, args.overrides)
+    summary = loop.train(cfg, args.workdir)
+    print(f"trained to step {summary['step']} in {args.workdir} "
+          f"({summary['nonfinite_total']} non-finite steps skipped)")
+    return 0 if not summary["stopped"] else 3
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 def _model_args(p, tokenizer: bool):
@@ -204,12 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(fn=cmd_retrieve)
+
+    p = sub.add_parser("train", help="train CLAP (resumes automatically from WORKDIR's latest checkpoint)",
+                       description="CONFIG is a config file (train/configs/NAME.py, a path, or either with :ARG); "
+                                   "overrides are dotted key=value pairs, e.g. optim.lr=1e-4 train.steps=100.")
+    p.add_argument("config")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and config.json go here")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.set_defaults(fn=cmd_train)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clapjax never fetches from the hub
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `train CONFIG --workdir D k=v …`: argparse leaves overrides after an option unparsed
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
