@@ -145,3 +145,25 @@ def test_every_command_has_help(command):
 def test_zero_shot_without_labels_is_a_clear_error(hf_unfused, tok_dir, audio_files):
     proc = run_cli("zero-shot", hf_unfused[2], "--tokenizer", tok_dir, audio_files[0], check=False)
     assert proc.returncode == 2 and "--labels" in proc.stderr
+
+
+def test_restore_onto_a_sharding(hf_unfused):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from clapjax.convert import checkpoint, keymap as K
+    _, _, out = hf_unfused
+    mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+
+    def fsdp(path, shape):  # shard the first dimension that 8 divides, else replicate
+        dims = [i for i, n in enumerate(shape) if n % 8 == 0]
+        spec = [None] * len(shape)
+        if dims:
+            spec[dims[0]] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    one = K.target_variables(checkpoint.restore(str(out)))
+    sharded = K.target_variables(checkpoint.restore(str(out), sharding=fsdp))
+    kernel = sharded["text_branch.encoder.layer.0.intermediate.dense.kernel"].get_value()
+    assert kernel.sharding.spec == P("fsdp", None) and len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 8, kernel.shape[1])
+    for key, var in one.items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(sharded[key].get_value()))
