@@ -118,8 +118,20 @@ class Checkpointer:
                              f"has {jax.process_count()}: the data iterators' states cannot be matched up")
         return dict(out.state), data["processes"][jax.process_index()], out.config
 
-    def read_config(self, step: int | None = None) -> dict:
+    def read_json(self, item: str, step: int | None = None):
+        """The `config` or `data` item of `step` (default: the latest) as saved (all processes' data)."""
+        if item not in ("config", "data"):
+            raise ValueError(f"item must be 'config' or 'data', got {item!r}")
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint")
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return out[item]
+
+    def restore_state(self, abstract_state: Mapping, step: int | None = None) -> dict:
+        """Only the train state (e.g. to evaluate, or to start a run with another process count)."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return dict(out.state)
