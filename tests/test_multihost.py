@@ -1,7 +1,8 @@
 """Multi-process training (issue 5): two `clapjax train` processes × 4 CPU devices joined by
-`jax.distributed` on localhost (gloo collectives), each feeding its half of every global batch,
-give the same per-step losses as one process with 8 devices (≤ 1e-5); process 0 alone logs; the
-checkpoints they write together restore in a single process.
+`jax.distributed` on localhost (gloo collectives), each feeding its half of every global batch, with
+the parameters FSDP-sharded over all 8 devices, give the same per-step losses as one data-parallel
+process with 8 devices (≤ 1e-5); process 0 alone logs; the checkpoint they write together restores
+in a single process.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, jax_
     for pid in range(2):
         cmd = [sys.executable, "-m", "clapjax.cli", "train", "tiny", "--workdir", str(multi)] + run_overrides(jax_cache) + [
             f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
-            f"distributed.process_id={pid}", "distributed.initialization_timeout=120", "checkpoint.every=4"]
+            f"distributed.process_id={pid}", "distributed.initialization_timeout=120", "checkpoint.every=4",
+            "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=-1"]   # and FSDP across the two processes
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=train_env(devices=4), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = []

@@ -262,8 +262,10 @@ def test_gradcache_equals_the_gradient_over_all_negatives(frozen_text_run):
         np.testing.assert_allclose(np.asarray(stats[name]), np.asarray(ref_stats[name]), rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_compute_keeps_f32_params_optimizer_state_and_loss():
-    cfg = C.load_config("tiny", ["model.dtype=bfloat16", "loss.name=siglip", "model.remat=True"])
+@pytest.mark.parametrize("extra", [["loss.name=siglip"], ["loss.name=siglip_ring", "optim.accum_steps=2"]])
+def test_bf16_compute_keeps_f32_params_optimizer_state_and_loss(extra):
+    """Traced only (no compile): bf16 towers with remat, SigLIP (all-gather, and ring under GradCache)."""
+    cfg = C.load_config("tiny", ["model.dtype=bfloat16", "model.remat=True"] + extra)
     mc = C.model_config(cfg)
     assert mc.audio.dtype == mc.text.dtype == "bfloat16"
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})

@@ -184,7 +184,8 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) ->
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp})
     setup = step_lib.build_setup(cfg, model_cfg, mesh)
     checkpointer = ckpt_lib.Checkpointer.from_config(cfg, workdir)
-    data_iter = data_iter if data_iter is not None else make_data_iterator(cfg, model_cfg)
+    own_iterator = data_iter is None                  # close only what we opened
+    data_iter = make_data_iterator(cfg, model_cfg) if own_iterator else data_iter
 
     start = checkpointer.latest_step() or 0
     if start:
@@ -244,6 +245,8 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) ->
             checkpointer.save(s, state, data_iter.get_state(), resolved)
     finally:
         checkpointer.close()
+        if own_iterator and hasattr(data_iter, "close"):
+            data_iter.close()
     summary = {"step": s, "stopped": stopped, "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
     if stopped and "non-finite" in stopped:
         raise NonFiniteLossError(stopped)
