@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import dataclasses
+import functools
 import os
 import threading
 from typing import Sequence
@@ -83,6 +84,7 @@ def combinations() -> list[tuple[str, str, str, str]]:
     return [(k, v, m, lo) for k, v in kind_values() for m in allowed_modulations(k) for lo in LOUDNESS]
 
 
+@functools.lru_cache(maxsize=1)
 def heldout_combinations() -> frozenset[tuple[str, str, str, str]]:
     """The fixed held-out combinations: HELDOUT_FRACTION of each kind's, at least one per kind,
     chosen so that every single attribute value still occurs in training."""
@@ -130,14 +132,15 @@ class ClipSpec:
                 "mix_value": self.mix_value}
 
 
-def _draw_spec(rng: np.random.Generator, pool: Sequence[tuple], clip_samples: int, sr: int) -> ClipSpec:
+def _draw_spec(rng: np.random.Generator, pool: Sequence[tuple], clip_samples: int, sr: int,
+               mix_probability: float) -> ClipSpec:
     kind, value, modulation, loudness = pool[rng.integers(len(pool))]
     duration = DURATIONS[rng.integers(2)]
     frac = rng.uniform(0.1, 0.25) if duration == "short" else rng.uniform(0.7, 1.0)
     length = min(clip_samples, max(int(frac * clip_samples), int(0.05 * sr)))
     onset = int(rng.integers(clip_samples - length + 1))
     mix_kind = mix_value = None
-    if rng.random() < MIX_PROBABILITY:
+    if rng.random() < mix_probability:
         others = [kv for kv in kind_values() if kv[0] != kind]
         mix_kind, mix_value = others[rng.integers(len(others))]
     peak = 10.0 ** ((LOUDNESS_PEAK_DBFS[loudness] + rng.uniform(-2.0, 2.0)) / 20.0)
@@ -213,7 +216,7 @@ def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
 # it, so rendering works in place in per-thread scratch buffers and writes straight into the output
 # row. Phases are 32-bit fixed point (one cycle = 2^32): constant-frequency phases are an exact
 # wrapping uint32 multiply, swept/vibrato phases a wrapping uint32 cumulative sum of per-sample
-# increments; sines come from a 2^16-entry table (spurs below −90 dB). Noise is cut from a small bank
+# increments; sines come from a 2^16-entry table (phase error ≤ 2π/2^16: spurs below −80 dB). Noise is cut from a small bank
 # of precomputed textures at a random offset, so a clip costs a copy instead of an FFT.
 _RAMP_S = 0.005
 _TABLE_BITS = 16
@@ -391,6 +394,7 @@ class SyntheticSet:
     captions_per_clip: int
     specs: tuple[ClipSpec, ...]
     captions: tuple[tuple[str, ...], ...]
+    mix_probability: float = MIX_PROBABILITY
 
     def __len__(self) -> int:
         return self.n
@@ -463,12 +467,13 @@ def _kind_class(s: ClipSpec) -> int:
 
 def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: int = SAMPLE_RATE,
                       clip_samples: int = CLIP_SAMPLES, captions_per_clip: int = 5,
-                      frontend=None) -> SyntheticSet:
+                      frontend=None, mix_probability: float = MIX_PROBABILITY) -> SyntheticSet:
     """`n` clips of `split` ('train' or 'heldout'), deterministic in (seed, split, index).
 
     `frontend` (a FrontEndConfig) overrides `sample_rate` and `clip_samples`, so a shortened clip
     length in the model's front end gives matching clips. Each clip gets `captions_per_clip`
     differently worded captions (5 gives the Clotho/AudioCaps evaluation protocol).
+    `mix_probability` is the share of clips with a background sound (0 makes the task easier).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
@@ -478,6 +483,8 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
                     ("captions_per_clip", captions_per_clip)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"synthetic_dataset: {name} must be a positive int, got {v!r}")
+    if not 0.0 <= mix_probability <= 1.0:
+        raise ValueError(f"synthetic_dataset: mix_probability must be in [0, 1], got {mix_probability}")
     if clip_samples < int(0.1 * sample_rate):
         raise ValueError(f"synthetic_dataset: clip_samples={clip_samples} is shorter than 0.1 s at {sample_rate} Hz")
     held = heldout_combinations()
@@ -485,11 +492,12 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
     specs, caps = [], []
     for i in range(n):
         rng = np.random.default_rng((seed, SPLITS[split], i, 0))
-        spec = _draw_spec(rng, pool, clip_samples, sample_rate)
+        spec = _draw_spec(rng, pool, clip_samples, sample_rate, mix_probability)
         crng = np.random.default_rng((seed, SPLITS[split], i, 1))
         specs.append(spec)
         caps.append(tuple(caption(spec, crng) for _ in range(captions_per_clip)))
-    return SyntheticSet(seed, split, n, sample_rate, clip_samples, captions_per_clip, tuple(specs), tuple(caps))
+    return SyntheticSet(seed, split, n, sample_rate, clip_samples, captions_per_clip, tuple(specs), tuple(caps),
+                        float(mix_probability))
 
 
 def caption_corpus(seed: int = 0, n: int = 4000) -> list[str]:

@@ -200,3 +200,14 @@ def test_tokenizer_trained_on_captions(tmp_path):
     assert (enc["attention_mask"].sum(1) < 40).all()
     prompt = tok(["the sound of a pure tone at C4"])
     assert prompt["attention_mask"].sum() <= 14
+
+
+def test_mix_probability_controls_background_sounds():
+    none = S.synthetic_dataset(2, 200, clip_samples=ONE_S, mix_probability=0.0)
+    default = S.synthetic_dataset(2, 200, clip_samples=ONE_S)
+    assert not any(s.mix_kind for s in none.specs)
+    assert 0.2 < np.mean([s.mix_kind is not None for s in default.specs]) < 0.4
+    # the rest of each clip's draw is unchanged
+    assert [s.combination for s in none.specs] == [s.combination for s in default.specs]
+    with pytest.raises(ValueError, match="mix_probability"):
+        S.synthetic_dataset(0, 2, mix_probability=1.5)

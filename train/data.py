@@ -336,7 +336,7 @@ def make_iterator(source: Source, tokenizer, frontend: FrontEndConfig, cfg: Data
 
 def source_from_config(data: Mapping[str, Any]) -> Source:
     """A source from a config section: kind 'tar' (shards, sizes_json), 'manifest' (path,
-    audio_root) or 'synthetic' (n, split, synthetic_seed, clip_samples)."""
+    audio_root) or 'synthetic' (n, split, synthetic_seed, clip_samples, mix_probability)."""
     kind = data.get("kind")
     if kind == "tar":
         return TarShards(data["shards"], data.get("sizes_json"))
@@ -346,7 +346,8 @@ def source_from_config(data: Mapping[str, Any]) -> Source:
         from clapjax import synthetic
         return SyntheticSource(synthetic.synthetic_dataset(
             int(data.get("synthetic_seed", 0)), int(data["n"]), data.get("split", "train"),
-            clip_samples=int(data.get("clip_samples", synthetic.CLIP_SAMPLES))))
+            clip_samples=int(data.get("clip_samples", synthetic.CLIP_SAMPLES)),
+            mix_probability=float(data.get("mix_probability", synthetic.MIX_PROBABILITY))))
     raise ValueError(f"unknown data kind {kind!r}; expected 'tar', 'manifest' or 'synthetic'")
 
 

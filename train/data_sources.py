@@ -276,7 +276,7 @@ class SyntheticSource(_RowSource):
 
     def fingerprint(self) -> dict:
         d = self.dataset
-        return {**super().fingerprint(), "synthetic": [d.seed, d.split, d.clip_samples]}
+        return {**super().fingerprint(), "synthetic": [d.seed, d.split, d.clip_samples, d.mix_probability]}
 
 
 # --- validation and decoding ------------------------------------------------------------------------

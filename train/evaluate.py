@@ -111,7 +111,7 @@ class Evaluator:
         shards = 1
         if mesh is not None:
             from clapjax.train import sharding
-            shards = sharding.num_batch_shards(mesh)
+            shards = int(np.lcm(sharding.num_batch_shards(mesh), jax.process_count()))
         self.batch_size = -(-batch_size // shards) * shards      # a multiple of the batch shards
         self._fns: dict = {}
 
@@ -128,22 +128,20 @@ class Evaluator:
                     "longer": np.array([f["longer"] for f in feats], bool)}
         return {"waveform": np.stack([f["waveform"] for f in feats])}
 
-    def _place(self, batch: dict[str, np.ndarray]):
-        """A full global host batch → what the jitted function takes (this process's rows, sharded)."""
-        if self.mesh is None:
-            return batch
-        from clapjax.train import sharding
-        p, n = jax.process_index(), jax.process_count()
-        rows = len(next(iter(batch.values()))) // n
-        return sharding.global_batch_from_local({k: v[p * rows:(p + 1) * rows] for k, v in batch.items()},
-                                                self.mesh)
-
     def _embed(self, fn, state, count: int, make_batch: Callable[[list[int]], dict]) -> jax.Array:
+        """Embeddings of items 0…count−1, in global batches of `batch_size` (the tail padded with
+        its last item); with a mesh each process prepares only its rows of every batch."""
+        p, n = (jax.process_index(), jax.process_count()) if self.mesh is not None else (0, 1)
+        rows = self.batch_size // n
         parts = []
         for start in range(0, count, self.batch_size):
             idx = list(range(start, min(count, start + self.batch_size)))
-            idx += [idx[-1]] * (self.batch_size - len(idx))       # pad with the last row
-            parts.append(fn(state, self._place(make_batch(idx))))
+            idx += [idx[-1]] * (self.batch_size - len(idx))
+            batch = make_batch(idx[p * rows:(p + 1) * rows])
+            if self.mesh is not None:
+                from clapjax.train import sharding
+                batch = sharding.global_batch_from_local(batch, self.mesh)
+            parts.append(fn(state, batch))
         return self._fns["concat"](parts, count)
 
     def _functions(self, graphdef):
