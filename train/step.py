@@ -260,7 +260,9 @@ def train_step_fn(template: ModelTemplate, tx: optax.GradientTransformation, mes
                    "scale_a": jnp.exp(new_state["params"].get("logit_scale_a", jnp.zeros(()))),
                    "scale_t": jnp.exp(new_state["params"].get("logit_scale_t", jnp.zeros(())))}
         if settings.optim is not None:
-            metrics["lr"] = optim.learning_rate(settings.optim, settings.total_steps, state["step"])
+            # the rate this update used: optax counts applied updates only (a skipped step reverts it)
+            applied = state["step"] - state["nonfinite_total"]
+            metrics["lr"] = optim.learning_rate(settings.optim, settings.total_steps, applied)
         return new_state, metrics
     return step
 
