@@ -392,8 +392,8 @@ class SyntheticSet:
     sample_rate: int
     clip_samples: int
     captions_per_clip: int
-    specs: tuple[ClipSpec, ...]
-    captions: tuple[tuple[str, ...], ...]
+    specs: tuple[ClipSpec, ...] = dataclasses.field(repr=False)
+    captions: tuple[tuple[str, ...], ...] = dataclasses.field(repr=False)
     mix_probability: float = MIX_PROBABILITY
 
     def __len__(self) -> int:
