@@ -1,4 +1,4 @@
-"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train."""
+"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -221,11 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and config.json go here")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", add_help=False, help="retrieval and zero-shot metrics of a checkpoint on a data set "
+                       "(`clapjax eval --help` for its options)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_eval)
     return ap
+
+
+def cmd_eval(args) -> int:
+    from clapjax.train import evaluate
+    return evaluate.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clapjax never fetches from the hub
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # its own parser (clapjax.train.evaluate), options and --help included
+        return cmd_eval(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `train CONFIG --workdir D k=v …`: argparse leaves overrides after an option unparsed

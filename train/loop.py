@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -118,12 +118,17 @@ def device_batch(local_batch: Mapping[str, np.ndarray], mesh) -> dict:
 # --- logging ---------------------------------------------------------------------------------------
 
 class MetricsLog:
-    """metrics.jsonl of process 0 (other processes write nothing)."""
+    """metrics.jsonl and TensorBoard scalars (`tb/`) of process 0 (other processes write nothing).
+    Wall-clock figures (step time, samples/s) go to TensorBoard only, so metrics.jsonl stays a pure
+    function of the run (resumes are compared with it bit for bit)."""
 
-    def __init__(self, path: str, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, resume_step: int, enabled: bool, batch_size: int = 0):
+        self.path, self.enabled, self.batch_size = path, enabled, batch_size
+        self._tb, self._last = None, None
         if not enabled:
             return
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=resume_step + 1)
         kept = []
         if resume_step > 0 and os.path.exists(path):
             with open(path) as f:
@@ -132,10 +137,30 @@ class MetricsLog:
             f.writelines(kept)
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        step, now = int(record["step"]), time.time()
+        scalars = {f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._last is not None and step > self._last[0]:
+            per_step = (now - self._last[1]) / (step - self._last[0])
+            scalars.update({"perf/step_time_s": per_step, "perf/samples_per_s": self.batch_size / per_step})
+        self._last = (step, now)
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), step)
+        self._tb.flush()
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """Extra scalars (e.g. periodic evaluation) beside the training curves."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+            self._tb.add_scalar(name, float(value), step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _record(step: int, metrics: Mapping) -> dict:
@@ -169,8 +194,12 @@ def _check_resumable(saved: Mapping, cfg) -> None:
                              f"same settings or use a new workdir (saved: {saved.get(section)}, now: {now[section]})")
 
 
-def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) -> dict:
-    """Train (or resume) the run `cfg` describes in `workdir`; returns a summary dict."""
+def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, hooks: Sequence[Callable] = ()) -> dict:
+    """Train (or resume) the run `cfg` describes in `workdir`; returns a summary dict.
+
+    `hooks` are called after every step as `hook(step, state, setup, metrics_log)` (state on device;
+    e.g. periodic evaluation: `setup.template.merge(state["params"], state["batch_stats"])` is the model,
+    and `metrics_log.scalar(name, value, step)` puts its figures in TensorBoard)."""
     distributed.initialize(cfg.distributed)
     _enable_compilation_cache(cfg.compilation_cache)
     config_lib.validate(cfg)
@@ -198,7 +227,7 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) ->
         if cfg.init.text or cfg.init.audio:
             from clapjax.train import init_towers
             state = init_towers.apply_to_state(cfg, setup, state, log=log if main else (lambda *_: None))
-    metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main)
+    metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main, int(cfg.train.batch_size))
     step_fn = step_lib.train_step(setup)
     total, every, log_every = int(cfg.train.steps), int(cfg.checkpoint.every), int(cfg.train.log_every)
     max_bad = int(cfg.train.max_nonfinite_in_row)
@@ -233,6 +262,8 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) ->
             if s % every == 0 or s == total:
                 rec = flush() or rec
                 checkpointer.save(s, state, data_iter.get_state(), resolved)
+            for hook in hooks:
+                hook(s, state, setup, metrics_log)
             if rec is not None and rec["nonfinite_streak"] >= max_bad:
                 stopped = (f"{rec['nonfinite_streak']} steps in a row had a non-finite loss or gradient "
                            f"(last: step {rec['step']}); stopping (train.max_nonfinite_in_row={max_bad})")
@@ -245,6 +276,7 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print) ->
             checkpointer.save(s, state, data_iter.get_state(), resolved)
     finally:
         checkpointer.close()
+        metrics_log.close()
         if own_iterator and hasattr(data_iter, "close"):
             data_iter.close()
     summary = {"step": s, "stopped": stopped, "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
