@@ -46,6 +46,19 @@ def _as_rng(rng):
     raise TypeError(f"rng must be None, an int seed, a numpy Generator or RandomState; got {type(rng).__name__}")
 
 
+def embedding_functions(graphdef):
+    """Jitted `(state, batch) → L2-normalised embeddings`, audio and text, for one model structure
+    (`graphdef` from `nnx.split`); the state may be sharded, the batch sharded over its rows."""
+    @jax.jit
+    def audio_fn(state, batch):
+        return nnx.merge(graphdef, state).get_audio_embedding(batch)
+
+    @jax.jit
+    def text_fn(state, batch):
+        return nnx.merge(graphdef, state).get_text_embedding(batch)
+    return audio_fn, text_fn
+
+
 def _padded_size(n: int, sizes: Sequence[int]) -> int:
     return next(s for s in sizes if s >= n)
 
@@ -57,17 +70,8 @@ class CLAP:
         self.tokenizer = tokenizer
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.config = model.config
-        graphdef, state = nnx.split(model)
-        self._state = state
-
-        @jax.jit
-        def audio_fn(state, batch):
-            return nnx.merge(graphdef, state).get_audio_embedding(batch)
-
-        @jax.jit
-        def text_fn(state, batch):
-            return nnx.merge(graphdef, state).get_text_embedding(batch)
-        self._audio_fn, self._text_fn = audio_fn, text_fn
+        graphdef, self._state = nnx.split(model)
+        self._audio_fn, self._text_fn = embedding_functions(graphdef)
 
     @classmethod
     def from_pretrained(cls, directory: str, tokenizer: str | Tokenizer | None = None, *, sharding=None,

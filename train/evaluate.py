@@ -146,13 +146,8 @@ class Evaluator:
 
     def _functions(self, graphdef):
         if self._fns.get("graphdef") != graphdef:   # one compile per model structure
-            @jax.jit
-            def audio_fn(state, batch):
-                return nnx.merge(graphdef, state).get_audio_embedding(batch)
-
-            @jax.jit
-            def text_fn(state, batch):
-                return nnx.merge(graphdef, state).get_text_embedding(batch)
+            from clapjax.api import embedding_functions
+            audio_fn, text_fn = embedding_functions(graphdef)
 
             @jax.jit
             def scale_fn(state):

@@ -63,11 +63,11 @@ class ModelTemplate:
     @classmethod
     def from_model(cls, model: CLAPModel) -> "ModelTemplate":
         graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        other = [path_key(p) for p, _ in rest.flat_state()]
+        other = [path_key(p) for p, _ in nnx.to_flat_state(rest)]
         if other:
             raise ValueError(f"the model holds variables that are neither Param nor BatchStat: {other[:5]}")
-        return cls(graphdef, {path_key(p): (tuple(p), v) for p, v in params.flat_state()},
-                   {path_key(p): (tuple(p), v) for p, v in stats.flat_state()}, model.config)
+        return cls(graphdef, {path_key(p): (tuple(p), v) for p, v in nnx.to_flat_state(params)},
+                   {path_key(p): (tuple(p), v) for p, v in nnx.to_flat_state(stats)}, model.config)
 
     @classmethod
     def abstract(cls, cfg: CLAPConfig) -> "ModelTemplate":
@@ -77,27 +77,27 @@ class ModelTemplate:
         return {k: type(v) for k, (_, v) in self.params.items()}
 
     def merge(self, params: Mapping[str, jax.Array], batch_stats: Mapping[str, jax.Array]) -> CLAPModel:
-        p = nnx.State.from_flat_path({path: var.replace(params[k]) for k, (path, var) in self.params.items()})
-        s = nnx.State.from_flat_path({path: var.replace(batch_stats[k])
+        p = nnx.from_flat_state({path: var.replace(params[k]) for k, (path, var) in self.params.items()})
+        s = nnx.from_flat_state({path: var.replace(batch_stats[k])
                                       for k, (path, var) in self.batch_stats.items()})
         return nnx.merge(self.graphdef, p, s)
 
     def abstract_state(self) -> nnx.State:
         """The model's variables as one nnx State (Params and BatchStats, with their metadata)."""
         both = {**{p: v for p, v in self.params.values()}, **{p: v for p, v in self.batch_stats.values()}}
-        return nnx.State.from_flat_path(both)
+        return nnx.from_flat_state(both)
 
 
 def flatten_state(state: nnx.State) -> tuple[Flat, Flat]:
     """An nnx State of the model → (params, batch_stats) flat dicts of arrays."""
     params, stats = {}, {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         (params if isinstance(var, nnx.Param) else stats)[path_key(path)] = var.get_value()
     return params, stats
 
 
 def batch_stats_of(model: nnx.Module) -> Flat:
-    return {path_key(p): v.get_value() for p, v in nnx.state(model, nnx.BatchStat).flat_state()}
+    return {path_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
 
 
 # --- forward pieces --------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def train_step_fn(template: ModelTemplate, tx: optax.GradientTransformation, mes
             "nonfinite_streak": streak,
             "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
         }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite,
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite,
                    "nonfinite_streak": streak, "nonfinite_total": new_state["nonfinite_total"],
                    "scale_a": jnp.exp(new_state["params"].get("logit_scale_a", jnp.zeros(()))),
                    "scale_t": jnp.exp(new_state["params"].get("logit_scale_t", jnp.zeros(())))}
@@ -288,7 +288,7 @@ def loss_param_init(cfg) -> dict[str, float]:
 
 def _flat_shardings(state_tree) -> dict:
     """A sharding State (from sharding.state_shardings) → {dotted.path: NamedSharding}."""
-    return {path_key(p): v.get_value() if isinstance(v, nnx.Variable) else v for p, v in state_tree.flat_state()}
+    return {path_key(p): v.get_value() if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(state_tree)}
 
 
 def _optimizer_shardings(opt_abs, params_abs: Mapping, param_sh: Mapping, rep):
