@@ -102,3 +102,23 @@ def laion_clap_model(amodel: str = "HTSAT-tiny", tmodel: str = "roberta", fusion
 def torch_state_dict(module) -> dict:
     """A torch module's state dict as numpy arrays (what the converter sees)."""
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def randomize_batch_norms(module, generator, mel=None, input_norms=("bn0",)) -> None:
+    """Random affine parameters and running statistics for every BatchNorm of a torch `module`, so a
+    parity test really exercises them (fresh ones are the identity). The input BatchNorms named in
+    `input_norms` get `mel`'s per-bin mean and variance instead, so the activations stay in range."""
+    import torch
+    with torch.no_grad():
+        for name, mod in module.named_modules():
+            if not isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                continue
+            if name in input_norms and mel is not None:
+                axes = tuple(range(mel.ndim - 1))
+                mod.running_mean.copy_(torch.from_numpy(mel.mean(axes)))
+                mod.running_var.copy_(torch.from_numpy(mel.var(axes)))
+            else:
+                mod.running_mean.normal_(0.0, 0.3, generator=generator)
+                mod.running_var.uniform_(0.5, 2.0, generator=generator)
+            mod.weight.uniform_(0.5, 1.5, generator=generator)
+            mod.bias.normal_(0.0, 0.2, generator=generator)

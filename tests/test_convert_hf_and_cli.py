@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clapjax.api import CLAP
+from reference import randomize_batch_norms
 from clapjax.convert import pipeline
 from clapjax.tokenizer import train_byte_level_bpe
 from test_convert_laion import CAPTIONS, MAX_ABS, MIN_COS, audio_files, compare, run_cli  # noqa: F401
@@ -25,12 +26,8 @@ def hf_model(fusion: bool, seed: int = 0):
     torch.manual_seed(seed)
     cfg = ClapConfig(text_config=SMALL_TEXT, audio_config=dict(SMALL_AUDIO, enable_fusion=fusion), projection_dim=64)
     model = ClapModel(cfg).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so their conversion is really tested
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 2.0)
+    # non-trivial BatchNorm statistics, so their conversion is really tested
+    randomize_batch_norms(model, torch.Generator().manual_seed(seed))
     return model
 
 

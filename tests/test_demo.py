@@ -23,3 +23,10 @@ def test_quick_demo_learns(tmp_path):
         assert (workdir / "plots" / name).stat().st_size > 1000
     assert any((workdir / "tb").iterdir())
     assert (workdir / "model" / "config.json").exists()  # the trained model in the converter's format
+
+    # the saved model goes through `clapjax eval` as a subprocess
+    proc = subprocess.run([sys.executable, "-m", "clapjax.cli", "eval", str(workdir / "model"), "synthetic:heldout:16",
+                           "--tokenizer", str(workdir / "tokenizer")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text_to_audio R@1" in proc.stdout and "zero-shot" in proc.stdout

@@ -22,7 +22,7 @@ from clapjax.audio import swin
 from clapjax.audio.htsat import HTSAT, HTSATConfig, spec_augment
 from clapjax.convert import keymap
 from clapjax.convert.audio_keys import hf_absent_targets, htsat_hf_table, htsat_laion_table
-from reference import laion_clap, laion_model_cfg, torch_state_dict
+from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
 
 torch = pytest.importorskip("torch")
 TOL = 1e-5
@@ -45,20 +45,13 @@ def _randomize(ref, mel: np.ndarray, seed: int = 1) -> None:
     """Non-trivial norms, biases and BN statistics; bn0's running stats are `mel`'s per-bin moments."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, mod in ref.named_modules():
-            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)):
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
                 mod.weight.uniform_(0.5, 1.5, generator=g)
                 mod.bias.normal_(0.0, 0.2, generator=g)
             elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and mod.bias is not None:
                 mod.bias.normal_(0.0, 0.05, generator=g)
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                if name in ("bn0", "audio_encoder.batch_norm"):
-                    axes = tuple(range(mel.ndim - 1))
-                    mod.running_mean.copy_(torch.from_numpy(mel.mean(axes)))
-                    mod.running_var.copy_(torch.from_numpy(mel.var(axes)))
-                else:
-                    mod.running_mean.normal_(0.0, 0.3, generator=g)
-                    mod.running_var.uniform_(0.5, 2.0, generator=g)
+        randomize_batch_norms(ref, g, mel, input_norms=("bn0", "audio_encoder.batch_norm"))
         for name, p in ref.named_parameters():
             if name.endswith("relative_position_bias_table"):  # HF initialises these to zero
                 p.normal_(0.0, 0.5, generator=g)

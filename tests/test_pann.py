@@ -24,7 +24,7 @@ from clapjax.audio import frontend
 from clapjax.audio.pann import PANN, PANNConfig
 from clapjax.convert import keymap
 from clapjax.convert.pann_keys import pann_laion_table
-from reference import laion_clap, laion_model_cfg, torch_state_dict
+from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
 
 torch = pytest.importorskip("torch")
 TOL = 1e-5
@@ -48,20 +48,7 @@ def _laion_pann(amodel: str, fusion: bool, seed: int = 0):
 
 def _randomize_bn(ref, mel: np.ndarray, seed: int = 1) -> None:
     """Random affine + running stats for every BN; bn0's running stats are `mel`'s per-bin moments."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            if not isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                continue
-            if name == "bn0":
-                axes = tuple(range(mel.ndim - 1))
-                mod.running_mean.copy_(torch.from_numpy(mel.mean(axes)))
-                mod.running_var.copy_(torch.from_numpy(mel.var(axes)))
-            else:
-                mod.running_mean.normal_(0.0, 0.3, generator=g)
-                mod.running_var.uniform_(0.5, 2.0, generator=g)
-            mod.weight.uniform_(0.5, 1.5, generator=g)
-            mod.bias.normal_(0.0, 0.2, generator=g)
+    randomize_batch_norms(ref, torch.Generator().manual_seed(seed), mel)
 
 
 def _ours_from(ref, config: PANNConfig) -> PANN:

@@ -194,6 +194,12 @@ def _check_resumable(saved: Mapping, cfg) -> None:
                              f"same settings or use a new workdir (saved: {saved.get(section)}, now: {now[section]})")
 
 
+def _progress_bar(total: int, start: int, enabled: bool):
+    """A tqdm bar over the steps on process 0's terminal (silent when output is not a terminal)."""
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="step", disable=not (enabled and sys.stderr.isatty()))
+
+
 def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, hooks: Sequence[Callable] = ()) -> dict:
     """Train (or resume) the run `cfg` describes in `workdir`; returns a summary dict.
 
@@ -248,15 +254,19 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
                     f"skipped {rec['nonfinite_total']} ({time.time() - t0:.1f}s)")
         return rec
 
+    progress = _progress_bar(total, start, main)
     try:
         while s < total:
+            waited = time.time()
             try:
                 local = next(data_iter)
             except StopIteration:
                 stopped = f"the data ran out after step {s}"
                 break
+            metrics_log.scalar("perf/data_wait_s", time.time() - waited, s + 1)
             state, metrics = step_fn(state, device_batch(local, mesh))
             s += 1
+            progress.update(1)
             rec = flush()                      # the previous step's metrics: the device stays busy
             pending = (s, metrics)
             if s % every == 0 or s == total:
@@ -275,6 +285,7 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
         if stopped and s % every and s != total and checkpointer.latest_step() != s:
             checkpointer.save(s, state, data_iter.get_state(), resolved)
     finally:
+        progress.close()
         checkpointer.close()
         metrics_log.close()
         if own_iterator and hasattr(data_iter, "close"):
