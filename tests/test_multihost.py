@@ -6,7 +6,6 @@ in a single process.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
