@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 demo: setup
 	$(PY) -m clapjax.demo
+
+# speed comparisons against the PyTorch reference (not part of the tests; see benchmarks/)
+bench: setup
+	$(PY) -m benchmarks.embedding_throughput --out benchmarks/results
 
 clean:
 	rm -rf $(VENV)
