@@ -289,3 +289,26 @@ def reshape_wav2img(x, spec_size: int = 256, freq_ratio: int = 4) -> jax.Array:
     x = x.reshape(b, c, freq_ratio, target_t // freq_ratio, target_f)  # (B, C, chunk, t, f)
     x = jnp.transpose(x, (0, 1, 2, 4, 3))                               # (B, C, chunk, f, t)
     return x.reshape(b, c, freq_ratio * target_f, target_t // freq_ratio)
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+def spec_augment(x: jax.Array, key: jax.Array, *, time_width: int, time_stripes: int,
+                 freq_width: int, freq_stripes: int) -> jax.Array:
+    """torchlibrosa's SpecAugmentation on (B, C, T, F): per sample, zero `*_stripes` stripes of
+    width uniform in [0, width) starting uniformly in [0, size - width), the same on every channel.
+    Same distribution as torchlibrosa; the random draws themselves of course differ."""
+    b, _, t, f = x.shape
+
+    def stripes(k, size, width, count):
+        kw, ks = jax.random.split(k)
+        widths = jax.random.randint(kw, (b, count), 0, width)
+        starts = jax.random.randint(ks, (b, count), 0, jnp.maximum(size - widths, 1))
+        pos = jnp.arange(size)[None, None, :]
+        hit = (pos >= starts[..., None]) & (pos < (starts + widths)[..., None])
+        return hit.any(axis=1)  # (B, size)
+
+    kt, kf = jax.random.split(key)
+    drop_t = stripes(kt, t, time_width, time_stripes)[:, None, :, None]
+    drop_f = stripes(kf, f, freq_width, freq_stripes)[:, None, None, :]
+    return jnp.where(drop_t | drop_f, jnp.zeros((), x.dtype), x)

@@ -178,29 +178,6 @@ class HTSATConfig:
         return self.enable_fusion and self.fusion_type == "aff_2d"
 
 
-# --- SpecAugment ---------------------------------------------------------------------------------
-
-def _stripe_mask(key: jax.Array, batch: int, total: int, width: int, stripes: int) -> jax.Array:
-    """(batch, total) bool, True where kept: torchlibrosa `DropStripes`, per row `stripes` stripes of
-    length uniform in [0, width) starting uniformly in [0, total - length)."""
-    k_len, k_start = jax.random.split(key)
-    length = jax.random.randint(k_len, (batch, stripes, 1), 0, width)
-    start = jax.random.randint(k_start, (batch, stripes, 1), 0, total - length)
-    pos = jnp.arange(total)
-    dropped = jnp.any((pos >= start) & (pos < start + length), axis=1)
-    return ~dropped
-
-
-def spec_augment(x: jax.Array, key: jax.Array, cfg: HTSATConfig) -> jax.Array:
-    """Zero time stripes then frequency stripes of (B, C, T, F), the same stripes on every channel."""
-    b, _, t, f = x.shape
-    k_time, k_freq = jax.random.split(key)
-    keep_t = _stripe_mask(k_time, b, t, cfg.time_drop_width, cfg.time_stripes_num)
-    keep_f = _stripe_mask(k_freq, b, f, cfg.freq_drop_width, cfg.freq_stripes_num)
-    keep = keep_t[:, None, :, None] & keep_f[:, None, None, :]
-    return jnp.where(keep, x, jnp.zeros((), x.dtype))
-
-
 # --- modules -------------------------------------------------------------------------------------
 
 class PatchEmbed(nnx.Module):
@@ -306,7 +283,8 @@ class HTSAT(nnx.Module):
         x, longer = self._mels(waveform, mel_fusion, longer)
         x = self.bn0(x.astype(jnp.float32), use_running_average=deterministic)  # BN over mel bins
         if not deterministic and cfg.spec_augment:
-            x = spec_augment(x, rngs.augment(), cfg)
+            x = fe.spec_augment(x, rngs.augment(), time_width=cfg.time_drop_width, time_stripes=cfg.time_stripes_num,
+                                freq_width=cfg.freq_drop_width, freq_stripes=cfg.freq_stripes_num)
         if longer is not None and not deterministic:
             # LAION flags one random row as longer when none is, so the fusion weights always train
             forced = jax.nn.one_hot(jax.random.randint(rngs.augment(), (), 0, x.shape[0]), x.shape[0]) > 0

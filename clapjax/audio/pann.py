@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clapjax import layers
-from clapjax.audio.frontend import FrontEndConfig, log_mel
+from clapjax.audio.frontend import FrontEndConfig, log_mel, spec_augment
 from clapjax.audio.fusion import AFF, ReLU
 
 # LAION's Cnn6/10/14: conv block type, output channels per block, time upsampling of the
@@ -136,27 +136,6 @@ class ConvBlock5x5(nnx.Module):
     def __call__(self, x, pool, *, deterministic: bool = True):
         x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=deterministic))
         return _avg_pool(x, pool)
-
-
-def spec_augment(x: jax.Array, key: jax.Array, *, time_width: int, time_stripes: int,
-                 freq_width: int, freq_stripes: int) -> jax.Array:
-    """torchlibrosa's SpecAugmentation on (B, C, T, F): per sample, zero `*_stripes` stripes of
-    width uniform in [0, width) starting uniformly in [0, size - width), the same on every channel.
-    Same distribution as torchlibrosa; the random draws themselves of course differ."""
-    b, _, t, f = x.shape
-
-    def stripes(k, size, width, count):
-        kw, ks = jax.random.split(k)
-        widths = jax.random.randint(kw, (b, count), 0, width)
-        starts = jax.random.randint(ks, (b, count), 0, jnp.maximum(size - widths, 1))
-        pos = jnp.arange(size)[None, None, :]
-        hit = (pos >= starts[..., None]) & (pos < (starts + widths)[..., None])
-        return hit.any(axis=1)  # (B, size)
-
-    kt, kf = jax.random.split(key)
-    drop_t = stripes(kt, t, time_width, time_stripes)[:, None, :, None]
-    drop_f = stripes(kf, f, freq_width, freq_stripes)[:, None, None, :]
-    return jnp.where(drop_t | drop_f, jnp.zeros((), x.dtype), x)
 
 
 def _time_pool3(x: jax.Array) -> jax.Array:
