@@ -28,14 +28,16 @@ BATCH_SIZES = (1, 8, 32)  # a request is cut into chunks of the largest size and
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clapjax", "jax_cache")
 
 
-def enable_compilation_cache(path: str | None = DEFAULT_CACHE) -> None:
-    """Turn on JAX's persistent compilation cache at `path` (None leaves JAX's setting alone)."""
-    if path is None:
+def enable_compilation_cache(path: str | None = DEFAULT_CACHE, *, min_compile_secs: float = 0.5,
+                             min_entry_bytes: int = 0) -> None:
+    """Turn on JAX's persistent compilation cache at `path` (None or '' leaves JAX's setting alone);
+    programs that compiled faster than `min_compile_secs` are not stored."""
+    if not path:
         return
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", min_entry_bytes)
 
 
 def _as_rng(rng):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from clapjax.api import enable_compilation_cache
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as config_lib
 from clapjax.train import distributed, sharding, step as step_lib
@@ -178,14 +179,6 @@ def read_metrics(workdir: str) -> list[dict]:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def _enable_compilation_cache(directory: str) -> None:
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
 def _check_resumable(saved: Mapping, cfg) -> None:
     now = config_lib.to_dict(cfg)
     for section in ("model", "loss"):
@@ -207,7 +200,8 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
     e.g. periodic evaluation: `setup.template.merge(state["params"], state["batch_stats"])` is the model,
     and `metrics_log.scalar(name, value, step)` puts its figures in TensorBoard)."""
     distributed.initialize(cfg.distributed)
-    _enable_compilation_cache(cfg.compilation_cache)
+    # every program of a run is worth keeping (a resumed or repeated run recompiles nothing)
+    enable_compilation_cache(cfg.compilation_cache, min_compile_secs=0.0, min_entry_bytes=-1)
     config_lib.validate(cfg)
     main = distributed.is_main()
     os.makedirs(workdir, exist_ok=True)
