@@ -113,5 +113,4 @@ def hf_table(model: CLAPModel) -> K.KeyTable:
     table = (tower_table(model.text_branch).prefixed("text_branch", "text_model.")
              + htsat_hf_table(model.audio_branch).prefixed("audio_branch", "audio_model.")
              + _projection_table(model, "audio_projection") + _projection_table(model, "text_projection"))
-    scales = [K.Entry(n, (n,), lambda x: x, lambda x: (x,)) for n in ("logit_scale_a", "logit_scale_t")]
-    return table + K.KeyTable(scales)
+    return table + K.copied("logit_scale_a", "logit_scale_t")

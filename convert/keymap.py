@@ -185,6 +185,10 @@ def _prefixed_check(check, prefix):
 
 # --- the report ----------------------------------------------------------------------------
 
+_PROBLEMS = ("missing", "unexpected", "mismatched", "invalid")
+_KINDS = ("consumed", "ignored") + _PROBLEMS
+
+
 @dataclasses.dataclass
 class Report:
     consumed: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> target
@@ -200,17 +204,10 @@ class Report:
 
     def by_branch(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-
-        def bump(key, kind):
-            branch = key.split(".", 1)[0].split(" ", 1)[0]
-            out.setdefault(branch, dict.fromkeys(
-                ["consumed", "ignored", "missing", "unexpected", "mismatched", "invalid"], 0))[kind] += 1
-        for kind in ("consumed", "ignored"):
-            for k in getattr(self, kind):
-                bump(k, kind)
-        for kind in ("missing", "unexpected", "mismatched", "invalid"):
-            for k in getattr(self, kind):
-                bump(k, kind)
+        for kind in _KINDS:
+            for key in getattr(self, kind):  # dict keys or list items: the source key comes first
+                branch = key.split(".", 1)[0].split(" ", 1)[0]
+                out.setdefault(branch, dict.fromkeys(_KINDS, 0))[kind] += 1
         return dict(sorted(out.items()))
 
     def to_json(self) -> str:
@@ -233,7 +230,7 @@ class Report:
 
     def error_message(self) -> str:
         parts = ["state dict does not match the model:"]
-        for kind in ("missing", "unexpected", "mismatched", "invalid"):
+        for kind in _PROBLEMS:
             keys = getattr(self, kind)
             if keys:
                 parts.append(f"  {kind} ({len(keys)}):")
@@ -309,11 +306,16 @@ def load_state_dict(model: nnx.Module, state_dict: StateDict, table: KeyTable) -
     rep, entries = match(state_dict, table, {k: tuple(v.shape) for k, v in targets.items()})
     if not rep.ok:
         raise KeyMappingError(rep)
-    for k, var in targets.items():
+    fill(model, state_dict, entries)
+    return rep
+
+
+def fill(model: nnx.Module, state_dict: StateDict, entries: Mapping[str, Entry]) -> None:
+    """Write every variable of `model` from the entries a successful `match` returned."""
+    for k, var in target_variables(model).items():
         e = entries[k]
         value = e.to_target(*[np.asarray(state_dict[s]) for s in e.sources])
         var.set_value(np.asarray(value, dtype=var.get_value().dtype))
-    return rep
 
 
 def export_state_dict(model: nnx.Module, table: KeyTable) -> dict[str, Array]:
@@ -330,6 +332,11 @@ def export_state_dict(model: nnx.Module, table: KeyTable) -> dict[str, Array]:
 
 
 # --- helpers for format tables ----------------------------------------------------------------
+
+def copied(*names: str) -> KeyTable:
+    """Targets loaded as-is from the source key of the same name (e.g. the logit scales)."""
+    return KeyTable([Entry(n, (n,), _identity, lambda x: (x,), _same_shape) for n in names])
+
 
 def fused_linear(target: str, sources: Sequence[str], leaf: str) -> Entry:
     """A fused projection (our qkv kernel/bias) from split PyTorch Linears (HF query/key/value)."""

@@ -175,5 +175,4 @@ def laion_table(model: CLAPModel) -> K.KeyTable:
         heads += ["audio_transform", "text_transform"]
     for name in heads:
         table = table + _module_table(model, name)
-    scales = [K.Entry(n, (n,), lambda x: x, lambda x: (x,)) for n in ("logit_scale_a", "logit_scale_t")]
-    return table + K.KeyTable(scales)
+    return table + K.copied("logit_scale_a", "logit_scale_t")

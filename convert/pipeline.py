@@ -94,12 +94,11 @@ def convert_source(src: Source, out_dir: str, *, amodel=None, tmodel=None, fusio
     cfg = detect_config(src, amodel=amodel, tmodel=tmodel, fusion=fusion)
     log(describe(cfg, src.fmt))
     table, shapes = _plan(cfg, src.fmt)
-    report, _ = K.match(src.state_dict, table, shapes)
+    report, entries = K.match(src.state_dict, table, shapes)
     if not report.ok:  # checked on shapes alone, before any tensor is copied
         raise K.KeyMappingError(report)
-    model = abstract_model(cfg)
-    report = K.load_state_dict(model, src.state_dict,
-                               laion.laion_table(model) if src.fmt == "laion" else hf.hf_table(model))
+    model = abstract_model(cfg)  # a fresh one: the cached plan's entries are pure functions of the sources
+    K.fill(model, src.state_dict, entries)
     extras = {k: src.state_dict[k] for k in report.ignored}
     checkpoint.save(out_dir, model, report=report, source_format=src.fmt, extras=extras)
     if src.hf_config is not None:
