@@ -66,9 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint = dict(every=1000, keep_last=3, keep_every=0, async_save=True)
     c.data = dict(kind="random")     # 'random' = loop.RandomBatches; other kinds: clapjax.train.data
-    c.init = dict(text="", text_format="hf", audio="", fresh_keys=(
+    # init.checkpoint: a whole model written by `clapjax convert` (or a training export) to fine-tune;
+    # its config.json decides the architecture (see model_config). init.text / init.audio: towers only.
+    c.init = dict(checkpoint="", text="", text_format="hf", audio="", fresh_keys=(
         "text_branch.pooler.*", "audio_projection.*", "text_projection.*", "audio_transform.*",
         "text_transform.*", "logit_scale_a", "logit_scale_t"))
+    # export.model: at the end of the run write WORKDIR/model/ in the converter's format, so that
+    # `clapjax eval / embed-audio / zero-shot / export` read the trained model
+    c.export = dict(model=False)
     c.distributed = dict(coordinator="", num_processes=0, process_id=-1, initialization_timeout=300)
     c.compilation_cache = ""         # JAX persistent compilation cache directory ('' = off)
     # XLA options for every compile; {'xla_backend_optimization_level': 0} compiles CPU programs ~5×
@@ -173,6 +178,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1, keep_every >= 0")
     if cfg.model.dtype not in ("float32", "bfloat16") or cfg.model.param_dtype not in ("float32", "bfloat16"):
         raise ValueError("model.dtype / model.param_dtype must be 'float32' or 'bfloat16'")
+    init = cfg.get("init", {})
+    if init.get("checkpoint") and (init.get("text") or init.get("audio")):
+        raise ValueError("init.checkpoint loads the whole model; leave init.text and init.audio empty "
+                         f"(got text={init.get('text')!r}, audio={init.get('audio')!r})")
+    if init.get("checkpoint") and not os.path.isfile(os.path.join(init.checkpoint, "config.json")):
+        raise ValueError(f"init.checkpoint={init.checkpoint!r}: not a clapjax checkpoint directory (no config.json); "
+                         "write one with `clapjax convert SRC OUT_DIR`")
 
 
 # --- derived --------------------------------------------------------------------------------------
@@ -192,8 +204,16 @@ def _with_common(overrides: dict, cls, model: ml_collections.ConfigDict, what: s
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
-    """The CLAPConfig the run trains (LAION's `create_model` with our overrides)."""
+    """The CLAPConfig the run trains (LAION's `create_model` with our overrides).
+
+    With `init.checkpoint` the architecture is the checkpoint's (its config.json): the `model`
+    section then contributes only precision and remat (dtype, param_dtype, remat, remat_policy) and
+    `audio_overrides` / `text_overrides` applied on top (settings such as drop_path_rate; a change of
+    shape fails when the weights are loaded, naming the key). `model.tmodel` must name the
+    checkpoint's text tower, because the data pipeline picks the tokenizer's kind from it."""
     m = cfg.model
+    if cfg.get("init", {}).get("checkpoint"):
+        return _checkpoint_model_config(cfg)
     probe = CLAPConfig.from_laion(m.amodel, m.tmodel, m.enable_fusion, m.fusion_type,
                                   audio_overrides=_plain(m.audio_overrides), text_overrides=_plain(m.text_overrides))
     audio = _with_common(_plain(m.audio_overrides), type(probe.audio), m, "audio")
@@ -201,6 +221,34 @@ def model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
     return CLAPConfig.from_laion(m.amodel, m.tmodel, m.enable_fusion, m.fusion_type, audio_overrides=audio,
                                  text_overrides=text, joint_embed_shape=m.joint_embed_shape, mlp_act=m.mlp_act,
                                  transform_heads=m.transform_heads)
+
+
+def _replace(dc, overrides: dict, where: str):
+    """A dataclass with `overrides` applied (nested dataclasses take dicts), unknown names refused."""
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(dc)}
+    changes = {}
+    for k, v in overrides.items():
+        if k not in fields:
+            raise ValueError(f"{where}.{k}: {type(dc).__name__} has no such setting")
+        old = getattr(dc, k)
+        changes[k] = _replace(old, v, f"{where}.{k}") if dataclasses.is_dataclass(old) and isinstance(v, dict) else v
+    return dataclasses.replace(dc, **changes)
+
+
+def _checkpoint_model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
+    import dataclasses
+    from clapjax.convert.checkpoint import read_config
+    m = cfg.model
+    saved, _ = read_config(cfg.init.checkpoint)
+    if m.tmodel != saved.tmodel:
+        raise ValueError(f"model.tmodel={m.tmodel!r} but init.checkpoint {cfg.init.checkpoint} holds a {saved.tmodel!r} "
+                         f"text tower; set model.tmodel={saved.tmodel} (the tokenizer's kind follows it)")
+    audio = _with_common(_plain(m.audio_overrides), type(saved.audio), m, "audio")
+    text = _with_common(_plain(m.text_overrides), type(saved.text), m, "text")
+    # the precision keys always come from the run; other overrides only when given
+    return dataclasses.replace(saved, audio=_replace(saved.audio, audio, "model.audio_overrides"),
+                               text=_replace(saved.text, text, "model.text_overrides"))
 
 
 def _plain(x):

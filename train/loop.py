@@ -224,7 +224,10 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
         log(f"resumed from step {start} ({checkpointer.directory})") if main else None
     else:
         state = step_lib.init_state(setup, cfg, model_cfg, int(cfg.seed))
-        if cfg.init.text or cfg.init.audio:
+        if cfg.init.get("checkpoint"):             # fine-tuning: the whole model from a clapjax checkpoint
+            from clapjax.train import init_towers
+            state = init_towers.load_checkpoint(cfg, setup, state, log=log if main else (lambda *_: None))
+        elif cfg.init.text or cfg.init.audio:
             from clapjax.train import init_towers
             state = init_towers.apply_to_state(cfg, setup, state, log=log if main else (lambda *_: None))
     metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main, int(cfg.train.batch_size))
@@ -284,6 +287,10 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
         metrics_log.close()
         if own_iterator and hasattr(data_iter, "close"):
             data_iter.close()
+    if cfg.get("export", {}).get("model") and not (stopped and "non-finite" in stopped):
+        from clapjax.train import init_towers  # the converter's format: clapjax eval / embed / export read it
+        init_towers.export_model(cfg, setup, state, model_cfg, os.path.join(workdir, "model"))
+        log(f"trained model: {os.path.join(workdir, 'model')}") if main else None
     summary = {"step": s, "stopped": stopped, "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
     if stopped and "non-finite" in stopped:
         raise NonFiniteLossError(stopped)
