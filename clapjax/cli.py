@@ -1,4 +1,4 @@
-"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train, eval."""
+"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train, launch, eval."""
 from __future__ import annotations
 
 import argparse
@@ -144,7 +144,11 @@ def cmd_retrieve(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from clapjax.train import config as config_lib, loop
+    from clapjax.train import config as config_lib, launch, loop
+    # SLURM / TPU pod variables → CLAPJAX_* before `distributed.initialize` (inside loop.train) reads them
+    group = launch.export_environment()
+    if group.platform in ("slurm", "tpu") and group.process_id == 0:
+        print(f"{group.platform}: {group.num_processes} processes, coordinator {group.coordinator}", flush=True)
     cfg = config_lib.load_config(args.config, args.overrides)
     summary = loop.train(cfg, args.workdir)
     print(f"trained to step {summary['step']} in {args.workdir} "
@@ -222,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("launch", add_help=False, help="start N local processes of `clapjax train` "
+                       "(`clapjax launch --local 2 --cpu-devices 4 -- tiny --workdir runs/x`; --help for more)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_launch)
+
     p = sub.add_parser("eval", add_help=False, help="retrieval and zero-shot metrics of a checkpoint on a data set "
                        "(`clapjax eval --help` for its options)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -234,11 +243,22 @@ def cmd_eval(args) -> int:
     return evaluate.main(args.rest)
 
 
+def cmd_launch(args) -> int:
+    from clapjax.train import launch
+    return launch.main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clapjax never fetches from the hub
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:  # its own parser (clapjax.train.evaluate), options and --help included
         return cmd_eval(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["launch"]:  # its own parser too: everything after `--` belongs to `clapjax train`
+        try:
+            return cmd_launch(argparse.Namespace(rest=argv[1:]))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `train CONFIG --workdir D k=v …`: argparse leaves overrides after an option unparsed

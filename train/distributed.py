@@ -70,9 +70,13 @@ def initialize(section=None, environ=None) -> bool:
     if settings.coordinator == "auto":
         jax.distributed.initialize(initialization_timeout=settings.initialization_timeout)
     else:
+        # 'deactivate': the values are complete, so JAX's cluster detection must not add its own
+        # guesses (under SLURM it would pin each process to the one GPU numbered SLURM_LOCALID,
+        # hiding the others from a one-task-per-node run; JAX_LOCAL_DEVICE_IDS still applies).
         jax.distributed.initialize(coordinator_address=settings.coordinator,
                                    num_processes=settings.num_processes, process_id=settings.process_id,
-                                   initialization_timeout=settings.initialization_timeout)
+                                   initialization_timeout=settings.initialization_timeout,
+                                   cluster_detection_method="deactivate")
     return True
 
 
