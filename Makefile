@@ -26,9 +26,10 @@ test: setup
 demo: setup
 	$(PY) -m clapjax.demo
 
-# speed comparisons against the PyTorch reference (not part of the tests; see benchmarks/)
+# speed comparisons against the PyTorch reference (not part of the tests; see benchmarks/RESULTS.md);
+# `make bench BENCH_ARGS=--quick` is a few-minute smoke run
 bench: setup
-	$(PY) -m benchmarks.embedding_throughput --out benchmarks/results
+	$(PY) -m benchmarks.run_all --out benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
