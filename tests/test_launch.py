@@ -190,14 +190,17 @@ def test_a_killed_process_stops_the_launch_and_the_relaunch_resumes_bit_identica
     proc, log = start_launch(workdir, jax_cache, log_path)
     pids = {}
     deadline = time.time() + TIMEOUT
-    while len(pids) < 2 or not (committed(workdir) and logged_steps(workdir) >= 3):
-        assert proc.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
-        pids.update((int(i), int(p)) for i, p in re.findall(r"process (\d): pid (\d+)", open(log_path).read()))
+    while len(pids) < 2 or not committed(workdir):            # mid-run, once a checkpoint is committed
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        pids.update((int(i), int(p)) for i, p in re.findall(r"process (\d): pid (\d+)", log_path.read_text()))
         time.sleep(0.01)
     os.kill(pids[1], signal.SIGKILL)
     rc, out = finish_launch(proc, log, log_path)
     reached, kept = logged_steps(workdir), committed(workdir)
-    assert rc == 128 + signal.SIGKILL and "process 1 exited with -9; stopping the others" in out, out[-3000:]
+    # normally process 1's SIGKILL (137); process 0 may already have failed on the broken collective
+    # by the time the launcher looks, and then it is named (lower id first)
+    failure = re.search(r"process ([01]) exited with (-?\d+); stopping the others", out)
+    assert failure and rc == launch.exit_status(int(failure.group(2))) != 0, out[-3000:]
     assert reached < STEPS and kept, (reached, kept)
     with pytest.raises(ProcessLookupError):                          # the other process is gone too
         os.kill(pids[0], 0)

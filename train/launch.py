@@ -215,7 +215,7 @@ def _pump(stream, prefix: str, out) -> None:
     stream.close()
 
 
-def _exit_code(rc: int) -> int:
+def exit_status(rc: int) -> int:
     return rc if rc > 0 else 128 - rc        # killed by signal s → 128 + s, like a shell
 
 
@@ -261,8 +261,8 @@ def supervise(command: Sequence[str], environments: Sequence[Mapping[str, str]],
         for t in pumps:
             t.join(timeout=5)
     if failed is not None:
-        return _exit_code(failed[1])
-    return _exit_code(-received[0]) if received else 0
+        return exit_status(failed[1])
+    return exit_status(-received[0]) if received else 0
 
 
 def _signal_group(p: subprocess.Popen, signum: int) -> None:
