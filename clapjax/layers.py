@@ -103,14 +103,20 @@ def activation(name: str):
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None,
                           dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
                           rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Attention over (B, L, H, D) heads; q is already scaled. Softmax runs in f32 always."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    """Attention over (B, L, H, D) heads; q is already scaled. Softmax runs in f32 always.
+
+    The heads are moved in front of the tokens explicitly so both products are plain batched
+    matmuls over (B, H): XLA:CPU runs the equivalent 'bqhd,bkhd->bhqk' einsum ~4× slower
+    (benchmarks/PROFILE.md)."""
+    qh, vh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(v, 1, 2)           # (B, H, L, D)
+    kt = jnp.transpose(k, (0, 2, 3, 1))                               # (B, H, D, L)
+    logits = jnp.matmul(qh, kt).astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if dropout is not None:
         weights = dropout(weights, deterministic=deterministic, rngs=rngs)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.swapaxes(jnp.matmul(weights, vh), 1, 2)
 
 
 def self_attention(query: nnx.Linear, key: nnx.Linear, value: nnx.Linear, x: jax.Array, bias: jax.Array | None,

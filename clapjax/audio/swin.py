@@ -134,19 +134,48 @@ class WindowAttention(nnx.Module):
         bias = jnp.matmul(onehot, table, precision=jax.lax.Precision.HIGHEST)  # exact: one term per row
         return bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
 
+    def combined_bias(self, mask: np.ndarray | None) -> jax.Array:
+        """(1 or nW, heads, N, N) float32: relative bias with the shift mask pre-added, so the
+        logits take one broadcast add of a block-constant array instead of two."""
+        bias = self.relative_bias()[None]
+        return bias if mask is None else bias + jnp.asarray(mask)[:, None]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        """Heads-major (B, nW, heads, N, d) q/k/v → (B, nW, heads, N, d).
+
+        Plain batched matmuls over leading axes: XLA:CPU lowers an einsum whose head axis sits
+        between the token and feature axes (bwqhd) with extra copies around each tiny matmul, which
+        cost ~3× the attention itself at Swin's window shapes (PROFILE.md)."""
+        logits = jnp.matmul(q * self.scale, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.matmul(weights, v)
+
     def __call__(self, windows: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """windows (B, nW, N, C); mask (nW, N, N) or None → (B, nW, N, C)."""
         b, nw, n, c = windows.shape
         h = self.num_heads
-        qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        q = q * self.scale
-        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
-        logits = logits + self.relative_bias()
-        if mask is not None:
-            logits = logits + jnp.asarray(mask)[:, None]
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, nw, n, c)
+        qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
+        out = self.attend(qkv[0], qkv[1], qkv[2], self.combined_bias(mask))
+        return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
+
+    def on_grid(self, x: jax.Array, shift: int, mask: np.ndarray | None) -> jax.Array:
+        """Shifted-window attention of a whole (B, H, W, C) token grid → (B, H, W, C).
+
+        Same result as roll → `_partition` → `__call__` → `_merge` → roll back, but the qkv and
+        output projections act per token, so they run on the grid; the windows and the heads are
+        then cut out of the qkv tensor with one transpose, and put back with one."""
+        b, hh, ww, c = x.shape
+        w, h = self.window, self.num_heads
+        qkv = self.qkv(x)
+        if shift:
+            qkv = jnp.roll(qkv, (-shift, -shift), axis=(1, 2))
+        # (b, rows, w, cols, w, 3, heads, d) → (3, b, rows, cols, heads, w, w, d)
+        qkv = qkv.reshape(b, hh // w, w, ww // w, w, 3, h, c // h).transpose(5, 0, 1, 3, 6, 2, 4, 7)
+        qkv = qkv.reshape(3, b, (hh // w) * (ww // w), h, w * w, c // h)
+        out = self.attend(qkv[0], qkv[1], qkv[2], self.combined_bias(mask))
+        out = out.reshape(b, hh // w, ww // w, h, w, w, c // h).transpose(0, 1, 4, 2, 5, 3, 6).reshape(b, hh, ww, c)
+        if shift:
+            out = jnp.roll(out, (shift, shift), axis=(1, 2))
         return self.proj(out)
 
 
@@ -183,12 +212,7 @@ class SwinTransformerBlock(nnx.Module):
         _, h, w, _ = x.shape
         if (h, w) != (self.resolution, self.resolution):
             raise ValueError(f"Swin block built for {self.resolution}² tokens got {h}×{w}")
-        y = self.norm1(x)
-        if self.shift:
-            y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
-        y = _merge(self.attn(_partition(y, self.window), self.attention_mask()), self.window, h, w)
-        if self.shift:
-            y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
+        y = self.attn.on_grid(self.norm1(x), self.shift, self.attention_mask())
         x = x + drop_path(y, self.drop_path, deterministic=deterministic, rngs=rngs)
         y = self.mlp(self.norm2(x))
         return x + drop_path(y, self.drop_path, deterministic=deterministic, rngs=rngs)
