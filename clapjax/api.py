@@ -25,6 +25,10 @@ from clapjax.model import CLAPModel
 from clapjax.tokenizer import Tokenizer
 
 BATCH_SIZES = (1, 8, 32)  # a request is cut into chunks of the largest size and padded up to one of these
+TEXT_LENGTH_STEP = 16     # captions are cut to the next multiple of this that holds every real token
+# Towers whose pooled feature ignores trailing padding exactly (see `trimmed_text_length`); BART is
+# not one: LAION pools it as the mean over every position, padding included.
+TRIMMABLE_TEXT = ("roberta", "bert", "transformer")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "clapjax", "jax_cache")
 
 
@@ -65,6 +69,34 @@ def _padded_size(n: int, sizes: Sequence[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def trimmed_text_length(batch: dict[str, np.ndarray], tmodel: str, step: int = TEXT_LENGTH_STEP) -> int:
+    """How many leading token positions a text batch needs for an exact pooled embedding.
+
+    LAION pads every caption to 77 tokens, but a caption is usually far shorter and the towers
+    other than BART never look at what follows the last real token:
+    - RoBERTa / BERT read the first token; padded keys carry a finfo.min bias, so their softmax
+      weight is exactly 0, positions are a prefix (BERT) or derived per token from the ids
+      (RoBERTa), and every other op acts per token: dropping trailing padded positions is exact.
+    - CLIP ('transformer') reads the EOT token (argmax of the ids) under a causal mask: nothing
+      after it reaches it.
+    The length is rounded up to a multiple of `step` (one compile per bucket, not per length) and
+    never exceeds the batch's. BART, rows with no real token (their softmax is uniform over every
+    position) and batches without the needed key keep their full length.
+    """
+    ids = batch.get("input_ids")
+    if tmodel not in TRIMMABLE_TEXT or ids is None or ids.ndim != 2:
+        return ids.shape[-1] if ids is not None else 0
+    full = ids.shape[1]
+    if tmodel == "transformer":
+        needed = int(np.argmax(ids, axis=1).max()) + 1
+    else:
+        mask = batch.get("attention_mask")
+        if mask is None or not np.all(np.any(mask != 0, axis=1)):
+            return full
+        needed = int((full - np.argmax(mask[:, ::-1] != 0, axis=1)).max())
+    return min(full, -(-needed // step) * step)
+
+
 class CLAP:
     def __init__(self, model: CLAPModel, tokenizer: Tokenizer | None = None, *,
                  batch_sizes: Sequence[int] = BATCH_SIZES):
@@ -88,12 +120,16 @@ class CLAP:
         return cls(model, tokenizer, **kw)
 
     # --- batching ---------------------------------------------------------------------------------
-    def _run(self, fn, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, fn, batch: dict[str, np.ndarray], trim=None) -> np.ndarray:
+        """`fn` over `batch` in padded chunks; `trim(chunk) → length` cuts (N, L) arrays to L' <= L."""
         n = len(next(iter(batch.values())))
         step = self.batch_sizes[-1]
         out = []
         for start in range(0, n, step):
             chunk = {k: v[start:start + step] for k, v in batch.items()}
+            if trim is not None:
+                length = trim(chunk)
+                chunk = {k: v[:, :length] if v.ndim == 2 else v for k, v in chunk.items()}
             m = len(next(iter(chunk.values())))
             size = _padded_size(m, self.batch_sizes)
             padded = {k: np.concatenate([v, np.repeat(v[-1:], size - m, axis=0)]) if size > m else v
@@ -136,7 +172,10 @@ class CLAP:
             if self.tokenizer is None:
                 raise ValueError("no tokenizer: pass tokenizer=DIR to from_pretrained, or token ids as a dict")
             batch = self.tokenizer(x)
-        return self._run(self._text_fn, batch)
+        return self._run(self._text_fn, batch, trim=self._text_length)
+
+    def _text_length(self, batch: dict[str, np.ndarray]) -> int:
+        return trimmed_text_length(batch, self.config.tmodel)
 
 
 def cosine_top_k(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
