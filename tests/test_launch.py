@@ -55,7 +55,12 @@ def test_slurm_task_maps_to_first_node_and_job_id_port():
     assert (settings.coordinator, settings.num_processes, settings.process_id) == (f"gpu07:{port}", 4, 2)
     # the job's list when the step's is absent; a given port wins
     group = launch.detect(dict(SLURM, SLURM_JOB_NODELIST="a[3-4]", CLAPJAX_COORDINATOR_PORT="7000"))
-    assert group.coordinator == "a3:7000"
+    assert group.coordinator == "a3:7000" and group.local_device_ids == ""
+    # several tasks per node: each is pinned to its node-local GPU; one per node: all GPUs stay visible
+    env = dict(SLURM, SLURM_STEP_NODELIST="g1", SLURM_STEP_NUM_NODES="1", SLURM_LOCALID="2")
+    assert launch.export_environment(env).local_device_ids == "2" and env["JAX_LOCAL_DEVICE_IDS"] == "2"
+    env = dict(SLURM, SLURM_STEP_NODELIST="g[1-4]", SLURM_STEP_NUM_NODES="4")
+    assert "JAX_LOCAL_DEVICE_IDS" not in launch.export_environment(env).as_environment()
 
 
 @pytest.mark.parametrize("drop, named", [("SLURM_NTASKS", "SLURM_NTASKS"), ("SLURM_JOB_NODELIST", "NODELIST"),

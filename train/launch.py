@@ -11,6 +11,7 @@ variables clapjax.train.distributed reads (`CLAPJAX_COORDINATOR`, `CLAPJAX_NUM_P
   formula, so a requeued job, which keeps its id, keeps its port). We resolve SLURM ourselves instead
   of letting JAX auto-detect it because JAX's detector also restricts each process to the GPU
   numbered `SLURM_LOCALID`: with one task per node that process would see 1 of the node's GPUs.
+  (With several tasks per node we do pin each to its `SLURM_LOCALID` GPU, via JAX_LOCAL_DEVICE_IDS.)
 * TPU (`TPU_WORKER_ID`, `TPU_WORKER_HOSTNAMES`, what GKE sets and JAX's GKE detector reads) —
   coordinator = the first worker, port `$CLAPJAX_COORDINATOR_PORT` or 8482 (JAX's TPU default).
   On a Cloud TPU VM created with `gcloud compute tpus tpu-vm create` these variables are NOT in an
@@ -48,12 +49,15 @@ class ProcessGroup:
     coordinator: str = ""
     num_processes: int = 1
     process_id: int = 0
+    local_device_ids: str = ""  # SLURM with several tasks per node: this task's GPU(s) (JAX_LOCAL_DEVICE_IDS)
 
     def as_environment(self) -> dict[str, str]:
-        if self.platform in ("slurm", "tpu"):
-            return {ENV_COORDINATOR: self.coordinator, ENV_NUM: str(self.num_processes),
-                    ENV_ID: str(self.process_id)}
-        return {}
+        if self.platform not in ("slurm", "tpu"):
+            return {}
+        env = {ENV_COORDINATOR: self.coordinator, ENV_NUM: str(self.num_processes), ENV_ID: str(self.process_id)}
+        if self.local_device_ids:
+            env["JAX_LOCAL_DEVICE_IDS"] = self.local_device_ids
+        return env
 
 
 # --- SLURM host lists ------------------------------------------------------------------------------
@@ -147,7 +151,15 @@ def slurm_group(env: Mapping[str, str]) -> ProcessGroup:
         default = None
     port = _port(env, default, f"SLURM gives no $SLURM_JOB_ID to derive the coordinator port from; set ${ENV_PORT}")
     host = expand_nodelist(env[nodelist_var])[0]
-    return _checked(ProcessGroup("slurm", f"{host}:{port}", nproc, pid), "SLURM_PROCID", "SLURM_NTASKS")
+    # One task per node (the recipe) drives all of the node's GPUs. With several tasks per node, each
+    # takes the GPU numbered by its rank on the node, as JAX's own SLURM detector would arrange
+    # (unless JAX_LOCAL_DEVICE_IDS already says otherwise).
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+    local = ""
+    if nodes and nproc > int(nodes) and "JAX_LOCAL_DEVICE_IDS" not in env:
+        local = str(_int(env, "SLURM_LOCALID"))
+    group = ProcessGroup("slurm", f"{host}:{port}", nproc, pid, local)
+    return _checked(group, "SLURM_PROCID", "SLURM_NTASKS")
 
 
 def tpu_group(env: Mapping[str, str]) -> ProcessGroup:
