@@ -53,9 +53,13 @@ def test_slurm_task_maps_to_first_node_and_job_id_port():
         f"gpu07:{port}", "4", "2")
     settings = distributed.DistributedSettings.resolve({}, env)
     assert (settings.coordinator, settings.num_processes, settings.process_id) == (f"gpu07:{port}", 4, 2)
-    # the job's list when the step's is absent; a given port wins
-    group = launch.detect(dict(SLURM, SLURM_JOB_NODELIST="a[3-4]", CLAPJAX_COORDINATOR_PORT="7000"))
+    # a given port wins
+    group = launch.detect(dict(SLURM, SLURM_STEP_NODELIST="a[3-4]", CLAPJAX_COORDINATOR_PORT="7000"))
     assert group.coordinator == "a3:7000" and group.local_device_ids == ""
+    # the batch script's own shell (no step): refused for a multi-task job, one process for a 1-task job
+    with pytest.raises(ValueError, match="not an srun step"):
+        launch.detect(dict(SLURM, SLURM_JOB_NODELIST="a[3-4]"))
+    assert launch.detect(dict(SLURM, SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_JOB_NODELIST="a3")).platform == "single"
     # several tasks per node: each is pinned to its node-local GPU; one per node: all GPUs stay visible
     env = dict(SLURM, SLURM_STEP_NODELIST="g1", SLURM_STEP_NUM_NODES="1", SLURM_LOCALID="2")
     assert launch.export_environment(env).local_device_ids == "2" and env["JAX_LOCAL_DEVICE_IDS"] == "2"
@@ -63,14 +67,14 @@ def test_slurm_task_maps_to_first_node_and_job_id_port():
     assert "JAX_LOCAL_DEVICE_IDS" not in launch.export_environment(env).as_environment()
 
 
-@pytest.mark.parametrize("drop, named", [("SLURM_NTASKS", "SLURM_NTASKS"), ("SLURM_JOB_NODELIST", "NODELIST"),
+@pytest.mark.parametrize("drop, named", [("SLURM_NTASKS", "SLURM_NTASKS"), ("SLURM_STEP_NODELIST", "NODELIST"),
                                          ("SLURM_JOB_ID", "CLAPJAX_COORDINATOR_PORT")])
 def test_slurm_errors_name_the_missing_variable(drop, named):
-    env = {k: v for k, v in dict(SLURM, SLURM_JOB_NODELIST="n1").items() if k != drop}
+    env = {k: v for k, v in dict(SLURM, SLURM_STEP_NODELIST="n1").items() if k != drop}
     with pytest.raises(ValueError, match=named):
         launch.detect(env)
     with pytest.raises(ValueError, match=r"SLURM_PROCID=4 is not in \[0, 4\)"):
-        launch.detect(dict(SLURM, SLURM_JOB_NODELIST="n1", SLURM_PROCID="4"))
+        launch.detect(dict(SLURM, SLURM_STEP_NODELIST="n1", SLURM_PROCID="4"))
 
 
 def test_tpu_workers_map_to_first_worker_on_jax_tpu_port():

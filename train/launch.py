@@ -6,8 +6,8 @@ variables clapjax.train.distributed reads (`CLAPJAX_COORDINATOR`, `CLAPJAX_NUM_P
 `CLAPJAX_PROCESS_ID`):
 
 * explicit — `CLAPJAX_COORDINATOR=host:port` already set (e.g. by `clapjax launch --local`): kept.
-* SLURM (`srun`) — `SLURM_PROCID`, `SLURM_NTASKS`, the first host of `SLURM_STEP_NODELIST` (or
-  `SLURM_JOB_NODELIST`), port `$CLAPJAX_COORDINATOR_PORT` or 61440 + job id mod 4096 (JAX's own
+* SLURM (`srun`) — `SLURM_PROCID`, `SLURM_NTASKS`, the first host of `SLURM_STEP_NODELIST` (a
+  batch script's own shell has no step: refused there when the job has several tasks), port `$CLAPJAX_COORDINATOR_PORT` or 61440 + job id mod 4096 (JAX's own
   formula, so a requeued job, which keeps its id, keeps its port). We resolve SLURM ourselves instead
   of letting JAX auto-detect it because JAX's detector also restricts each process to the GPU
   numbered `SLURM_LOCALID`: with one task per node that process would see 1 of the node's GPUs.
@@ -141,16 +141,20 @@ def _checked(group: ProcessGroup, id_var: str, count_var: str) -> ProcessGroup:
 
 def slurm_group(env: Mapping[str, str]) -> ProcessGroup:
     """The process group of an `srun` task."""
-    nodelist_var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST") if env.get(v)), None)
-    if nodelist_var is None:
-        raise ValueError("SLURM_PROCID is set but neither $SLURM_STEP_NODELIST nor $SLURM_JOB_NODELIST is")
     nproc, pid = _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID")
+    if not env.get("SLURM_STEP_NODELIST"):
+        # The batch script's own shell also has SLURM_PROCID=0 and the job's SLURM_NTASKS, but no
+        # step: a `clapjax train` started there directly would wait for partners that never come.
+        if nproc > 1:
+            raise ValueError(f"$SLURM_NTASKS={nproc} but no $SLURM_STEP_NODELIST: this is a batch script's shell, "
+                             "not an srun step; start `clapjax train` with srun (one task per node)")
+        return ProcessGroup("single")
     if env.get("SLURM_JOB_ID"):
         default = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % SLURM_PORT_SPAN
     else:
         default = None
     port = _port(env, default, f"SLURM gives no $SLURM_JOB_ID to derive the coordinator port from; set ${ENV_PORT}")
-    host = expand_nodelist(env[nodelist_var])[0]
+    host = expand_nodelist(env["SLURM_STEP_NODELIST"])[0]
     # One task per node (the recipe) drives all of the node's GPUs. With several tasks per node, each
     # takes the GPU numbered by its rank on the node, as JAX's own SLURM detector would arrange
     # (unless JAX_LOCAL_DEVICE_IDS already says otherwise).
