@@ -201,7 +201,8 @@ def write_small_checkpoint(directory, *, fusion: bool = False, seed: int = 0) ->
     cfg = C.model_config(C.load_config("tiny", ["model.enable_fusion=True"] if fusion else []))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(seed))))
     # one compiled initialiser instead of one small program per variable (eager init takes ~25 s)
-    state = jax.jit(lambda: nnx.split(CLAPModel(cfg, nnx.Rngs(seed)))[1])()
+    state = jax.jit(lambda: nnx.split(CLAPModel(cfg, nnx.Rngs(seed)))[1],
+                    compiler_options={"xla_backend_optimization_level": 0})()
     checkpoint.save(str(directory), nnx.merge(graphdef, state), source_format="clapjax-train")
     return str(directory)
 
