@@ -283,12 +283,11 @@ def supervise(command: Sequence[str], environments: Sequence[Mapping[str, str]],
 
 def _signal_group(p: subprocess.Popen, signum: int) -> None:
     """Signal the child's whole process group (it leads one), so that what it started
-    (`bash -c '… clapjax train …'` under the shims) gets the signal too."""
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signum)
-        except ProcessLookupError:
-            pass
+    (`bash -c '… clapjax train …'` under the shims) gets the signal too, even once the leader is gone."""
+    try:
+        os.killpg(p.pid, signum)
+    except (ProcessLookupError, PermissionError):   # the group is empty
+        pass
 
 
 def _stop(procs, grace_s: float) -> None:
