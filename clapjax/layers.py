@@ -121,16 +121,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
 
 def self_attention(query: nnx.Linear, key: nnx.Linear, value: nnx.Linear, x: jax.Array, bias: jax.Array | None,
                    num_heads: int, dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
-                   rngs: nnx.Rngs | None = None) -> jax.Array:
+                   rngs: nnx.Rngs | None = None, q_x: jax.Array | None = None) -> jax.Array:
     """Multi-head self-attention from three projections (B, N, D) → merged heads (B, N, D), with
-    q scaled by head_dim^-0.5 as HF's BERT/RoBERTa/BART and torch's MultiheadAttention do."""
+    q scaled by head_dim^-0.5 as HF's BERT/RoBERTa/BART and torch's MultiheadAttention do.
+
+    `q_x` (B, M, D), when given, is the subset of rows of `x` that ask the queries (keys and values
+    still come from all of `x`); the result is then (B, M, D). A tower whose output is read at one
+    token needs only that token's query in its last layer."""
     b, n, _ = x.shape
-    q, k, v = query(x), key(x), value(x)
+    q_in = x if q_x is None else q_x
+    q, k, v = query(q_in), key(x), value(x)
     hd = q.shape[-1] // num_heads
-    q = q.reshape(b, n, num_heads, hd) * (hd ** -0.5)
+    q = q.reshape(b, q_in.shape[1], num_heads, hd) * (hd ** -0.5)
     out = dot_product_attention(q, k.reshape(b, n, num_heads, hd), v.reshape(b, n, num_heads, hd), bias,
                                 dropout, deterministic=deterministic, rngs=rngs)
-    return out.reshape(b, n, num_heads * hd)
+    return out.reshape(b, q_in.shape[1], num_heads * hd)
 
 
 def padding_bias(attention_mask: jax.Array) -> jax.Array:

@@ -146,17 +146,18 @@ class CLAPModel(nnx.Module):
         return self.audio_branch(audio["waveform"], deterministic=deterministic, rngs=rngs)
 
     def encode_text(self, text: Mapping[str, jax.Array], *, deterministic: bool = True,
-                    rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Projected, un-normalised text features (LAION's `encode_text` includes the projection)."""
+                    rngs: nnx.Rngs | None = None, pooled_only: bool = False) -> jax.Array:
+        """Projected, un-normalised text features (LAION's `encode_text` includes the projection).
+        `pooled_only`: the tower's last layer computes only the token it pools (same result)."""
         out = self.text_branch(text["input_ids"], text.get("attention_mask"), text.get("token_type_ids"),
-                               deterministic=deterministic, rngs=rngs)
+                               deterministic=deterministic, rngs=rngs, pooled_only=pooled_only)
         return self.text_projection(out.pooled)
 
     def get_audio_embedding(self, audio: Mapping[str, jax.Array]) -> jax.Array:
         return l2_normalize(self.audio_projection(self.encode_audio(audio)["embedding"]))
 
     def get_text_embedding(self, text: Mapping[str, jax.Array]) -> jax.Array:
-        return l2_normalize(self.encode_text(text))
+        return l2_normalize(self.encode_text(text, pooled_only=True))
 
     def __call__(self, audio, text, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
         """LAION's forward: (audio_f, text_f, audio_f_mlp, text_f_mlp, exp(scale_a), exp(scale_t))."""

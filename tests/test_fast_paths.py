@@ -137,3 +137,17 @@ def test_grid_window_attention_equals_per_window_path(shift, rng):
     ref = np.einsum("bwhqk,bwkhd->bwqhd", w, qkv[..., 2, :, :]).reshape(b, nw, n, dim)
     np.testing.assert_allclose(np.asarray(attn(wins, mask)), np.asarray(attn.proj(jnp.asarray(ref))),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tmodel", ["roberta", "bert", "transformer", "bart"])
+def test_pooled_only_last_layer_equals_full_tower(tmodel, rng):
+    """The last layer may compute only the pooled token (CLS / EOT): same pooled feature."""
+    tower = T.text_tower(tmodel, TINY_TEXT[tmodel], nnx.Rngs(2))
+    batch = captions(tmodel, [5, 30, 77], rng)
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    full = tower(*args)
+    fast = tower(*args, pooled_only=True)
+    np.testing.assert_allclose(np.asarray(fast.pooled), np.asarray(full.pooled), rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(full.pooled)).max() > 0.01
+    if tmodel != "bart":  # BART pools every position, so it keeps them all
+        assert fast.last_hidden_state.shape[1] == 1

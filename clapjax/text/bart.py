@@ -129,8 +129,10 @@ class BartModel(nnx.Module):
         self.encoder = BartEncoder(cfg, rngs)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
-                 rngs=None) -> TextOutput:
-        del token_type_ids  # BART has none; accepted so every text tower has one signature
+                 rngs=None, pooled_only: bool = False) -> TextOutput:
+        # BART has no token types; `pooled_only` changes nothing (the pooled feature is the mean of
+        # every position); both are accepted so every text tower has one signature
+        del token_type_ids, pooled_only
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)

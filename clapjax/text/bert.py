@@ -119,9 +119,9 @@ class BertSelfAttention(nnx.Module):
         self.value = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None):
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
         return L.self_attention(self.query, self.key, self.value, x, bias, self.num_heads, self.dropout,
-                                deterministic=deterministic, rngs=rngs)
+                                deterministic=deterministic, rngs=rngs, q_x=q_x)
 
 
 class BertSelfOutput(nnx.Module):
@@ -144,9 +144,9 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, rngs)
         self.output = BertSelfOutput(cfg, cfg.hidden_size, ("heads", "embed"), rngs)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None):
-        a = self.self(x, bias, deterministic=deterministic, rngs=rngs)
-        return self.output(a, x, deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
+        a = self.self(x, bias, deterministic=deterministic, rngs=rngs, q_x=q_x)
+        return self.output(a, x if q_x is None else q_x, deterministic=deterministic, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -164,8 +164,9 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, rngs)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None):
-        a = self.attention(x, bias, deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
+        """(B, L, D) → (B, L, D); with `q_x` (B, M, D), rows of `x`, only those rows' outputs."""
+        a = self.attention(x, bias, deterministic=deterministic, rngs=rngs, q_x=q_x)
         return self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs)
 
 
@@ -174,12 +175,18 @@ class BertEncoder(nnx.Module):
         self.cfg = cfg
         self.layer = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None):
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, first_token_only=False):
+        """With `first_token_only` the last layer computes only token 0 (what the pooler reads):
+        its other rows feed nothing downstream, so the result is (B, 1, D)."""
         def run(layer, x, bias, rngs):
             return layer(x, bias, deterministic=deterministic, rngs=rngs)
         run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
-        for layer in self.layer:
-            x = run(layer, x, bias, rngs)
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            if first_token_only and i == last:
+                x = layer(x, bias, deterministic=deterministic, rngs=rngs, q_x=x[:, :1])
+            else:
+                x = run(layer, x, bias, rngs)
         return x
 
 
@@ -201,10 +208,13 @@ class BertModel(nnx.Module):
         self.pooler = BertPooler(cfg, rngs)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
-                 rngs=None) -> TextOutput:
+                 rngs=None, pooled_only: bool = False) -> TextOutput:
+        """`pooled_only`: skip the last layer's work on every token but the first (the pooled one);
+        `last_hidden_state` is then (B, 1, W)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, L.padding_bias(attention_mask), deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, L.padding_bias(attention_mask), deterministic=deterministic, rngs=rngs,
+                         first_token_only=pooled_only)
         return TextOutput(x, self.pooler(x))

@@ -60,14 +60,18 @@ class MultiheadAttention(nnx.Module):
         self.in_proj = L.linear(width, 3 * width, ("embed", "qkv"), rngs, prec=prec)
         self.out_proj = L.linear(width, width, ("heads", "embed"), rngs, prec=prec)
 
-    def __call__(self, x, bias):
+    def __call__(self, x, bias, q_x=None):
+        """`q_x` (B, M, D): the rows that ask queries (default: all of `x`) → (B, M, D)."""
         b, n, d = x.shape
         h = self.num_heads
         hd = d // h
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
-        q = q.reshape(b, n, h, hd) * (hd ** -0.5)
+        if q_x is not None:
+            q = jnp.split(self.in_proj(q_x), 3, axis=-1)[0]
+        m = q.shape[1]
+        q = q.reshape(b, m, h, hd) * (hd ** -0.5)
         out = L.dot_product_attention(q, k.reshape(b, n, h, hd), v.reshape(b, n, h, hd), bias)
-        return self.out_proj(out.reshape(b, n, d))
+        return self.out_proj(out.reshape(b, m, d))
 
 
 class Mlp(nnx.Module):
@@ -88,8 +92,15 @@ class ResidualAttentionBlock(nnx.Module):
         self.ln_2 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
         self.mlp = Mlp(cfg.width, cfg.act, rngs, p)
 
-    def __call__(self, x, bias):
-        x = x + self.attn(self.ln_1(x), bias)
+    def __call__(self, x, bias, rows=None):
+        """(B, L, D) → (B, L, D); with `rows` (B, M) token indices, only those rows: (B, M, D)
+        (`bias` then holds just their query rows)."""
+        y = self.ln_1(x)
+        if rows is None:
+            x = x + self.attn(y, bias)
+        else:
+            pick = rows[:, :, None]
+            x = jnp.take_along_axis(x, pick, axis=1) + self.attn(y, bias, jnp.take_along_axis(y, pick, axis=1))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -110,7 +121,9 @@ class ClipTextTransformer(nnx.Module):
         self.ln_final = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
-                 rngs=None) -> TextOutput:
+                 rngs=None, pooled_only: bool = False) -> TextOutput:
+        """`pooled_only`: the last block computes only the EOT row (the one read); `last_hidden_state`
+        is then (B, 1, W)."""
         # LAION's CLIP tower uses neither a padding mask nor token types: the causal mask already
         # hides everything after the EOT token, which is where the feature is read.
         del attention_mask, token_type_ids, deterministic, rngs
@@ -124,8 +137,15 @@ class ClipTextTransformer(nnx.Module):
         def run(block, x):
             return block(x, bias)
         run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
-        for block in self.resblocks:
-            x = run(block, x)
-        x = self.ln_final(x)
         eot = jnp.argmax(input_ids, axis=-1)
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            if pooled_only and i == last:
+                # the EOT query row of the causal mask: keys up to the EOT token
+                x = block(x, jnp.asarray(causal_bias(n))[eot][:, None, None, :], rows=eot[:, None])
+            else:
+                x = run(block, x)
+        x = self.ln_final(x)
+        if pooled_only:
+            return TextOutput(x, x[:, 0])
         return TextOutput(x, jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0])
