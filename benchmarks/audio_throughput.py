@@ -74,10 +74,16 @@ def measure(trio, fused: bool, batches, repeats: int, long_batch: int | None) ->
     for b, samples, length in cases:
         wave = _waves(b, samples, seed=b)
         kind = f"HTSAT-tiny {'fused' if fused else 'unfused'}, {length}"
-        ours = common.median_seconds(lambda: trio.clapjax.get_audio_embedding_from_data(wave), repeats)
-        batch = trio.clapjax.audio_batch(list(wave))
-        flops = model_flops(trio.clapjax, batch) if samples == clip else None
-        laion, hf = _reference_times(trio, fused, wave, batch, repeats)
+        try:
+            ours = common.median_seconds(lambda: trio.clapjax.get_audio_embedding_from_data(wave), repeats)
+            batch = trio.clapjax.audio_batch(list(wave))
+            flops = model_flops(trio.clapjax, batch) if samples == clip else None
+            laion, hf = _reference_times(trio, fused, wave, batch, repeats)
+        except Exception as err:   # one failing case is reported in its row; the table goes on
+            if samples == clip:
+                raise
+            rows.append({"kind": kind, "batch": b, "error": f"{type(err).__name__}: {err}"[:300]})
+            continue
         rows.append(_row(kind, b, ours, laion, hf, flops))
     return rows
 
@@ -85,8 +91,9 @@ def measure(trio, fused: bool, batches, repeats: int, long_batch: int | None) ->
 def table(rows: list[dict]) -> str:
     return common.md_table(
         ["audio", "batch", "clapjax clips/s", "laion_clap clips/s", "HF clips/s", "clapjax ÷ laion", "clapjax ÷ HF"],
-        [[r["kind"], r["batch"], common.fmt(r["clapjax_per_s"]), common.fmt(r["laion_per_s"]),
-          common.fmt(r["hf_per_s"]), common.fmt(r["vs_laion"], ".2f", "×"), common.fmt(r["vs_hf"], ".2f", "×")]
+        [[r["kind"], r["batch"], common.fmt(r.get("clapjax_per_s")), common.fmt(r.get("laion_per_s")),
+          common.fmt(r.get("hf_per_s")), common.fmt(r.get("vs_laion"), ".2f", "×"),
+          common.fmt(r.get("vs_hf"), ".2f", "×") if "error" not in r else "FAILED: " + r["error"][:100]]
          for r in rows])
 
 

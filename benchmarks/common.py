@@ -25,13 +25,13 @@ class Options:
 
     quick: bool = False
     tiny: bool = False                  # tiny clapjax models, no PyTorch columns (the pytest's run)
-    repeats: int = 5                    # timed calls per measurement (median reported)
+    repeats: int = 3                    # timed calls per measurement (median reported)
     audio_batches: tuple[int, ...] = (1, 8, 32)
     text_batches: tuple[int, ...] = (1, 32, 128)
     text_layers: int = 12               # RoBERTa layers of the embedding models (12 = roberta-base)
     train_batch: int = 16
     train_text_layers: int = 4
-    train_steps: int = 5                # timed train steps (after one compiling step)
+    train_steps: int = 3                # timed train steps (after one warm-up step)
     train_devices_8: bool = True        # also time the clapjax step on 8 host devices (subprocess)
     fsdp_devices: tuple[int, ...] = (1, 2, 4, 8)
     fsdp_full_size: bool = True         # full-size model (False: the tiny config, for smoke runs)
@@ -41,7 +41,7 @@ class Options:
         """A few minutes: real sizes, one batch size each, one repeat (`tiny`: seconds, smoke only)."""
         return cls(quick=True, tiny=tiny, repeats=1, audio_batches=(1,), text_batches=(1, 8), text_layers=2,
                    train_batch=4 if tiny else 8, train_text_layers=1, train_steps=1, train_devices_8=False,
-                   fsdp_devices=(1, 2), fsdp_full_size=False)
+                   fsdp_devices=(2,) if tiny else (1, 2), fsdp_full_size=False)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
