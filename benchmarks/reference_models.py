@@ -52,4 +52,10 @@ def tiny(fusion: bool) -> Trio:
     from clapjax.train import config as C
     cfg = C.load_config("tiny", [f"model.enable_fusion={fusion}"])
     model_cfg = C.model_config(cfg)
-    return Trio(None, CLAP(CLAPModel(model_cfg, nnx.Rngs(0))), None, model_cfg)
+    # one jitted init at XLA's lowest backend optimisation (it runs once): eagerly, every initializer
+    # of every shape compiles its own small program, ~3× slower in all
+    import jax
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CLAPModel(model_cfg, nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(CLAPModel(model_cfg, nnx.Rngs(0))),
+                    compiler_options={"xla_backend_optimization_level": 0})()
+    return Trio(None, CLAP(nnx.merge(graphdef, state)), None, model_cfg)
