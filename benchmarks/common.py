@@ -72,7 +72,8 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def cost_flops(compiled) -> float | None:
-    """FLOPs XLA's cost analysis assigns a compiled program (None when the backend gives none)."""
+    """FLOPs XLA's cost analysis assigns a lowered or compiled program (None when the backend gives
+    none)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it
