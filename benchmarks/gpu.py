@@ -77,15 +77,14 @@ def torch_inference(batch: int, repeats: int, wave) -> dict:
 
 def inference(batch: int, repeats: int, smoke: bool) -> dict:
     import numpy as np
-    from flax import nnx
     from benchmarks import common
+    from benchmarks.reference_models import random_model, tiny
     from clapjax.api import CLAP
-    from clapjax.model import CLAPConfig, CLAPModel
+    from clapjax.model import CLAPConfig
     if smoke:
-        from benchmarks.reference_models import tiny
         clap = tiny(False).clapjax
     else:
-        clap = CLAP(CLAPModel(CLAPConfig.from_laion("HTSAT-tiny", "roberta"), nnx.Rngs(0)))
+        clap = CLAP(random_model(CLAPConfig.from_laion("HTSAT-tiny", "roberta")))
     samples = clap.config.frontend.clip_samples
     wave = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)
     ours = common.median_seconds(lambda: clap.get_audio_embedding_from_data(wave), repeats, warmup=2)

@@ -46,16 +46,20 @@ def build(fusion: bool, text_layers: int) -> Trio:
 def tiny(fusion: bool) -> Trio:
     """Smoke runs: clapjax alone on the tiny config's model (1 s clips); laion_clap's HTSAT sizes are
     fixed by name, so there is no tiny reference to compare with."""
-    from flax import nnx
     from clapjax.api import CLAP
-    from clapjax.model import CLAPModel
     from clapjax.train import config as C
     cfg = C.load_config("tiny", [f"model.enable_fusion={fusion}"])
     model_cfg = C.model_config(cfg)
-    # one jitted init at XLA's lowest backend optimisation (it runs once): eagerly, every initializer
-    # of every shape compiles its own small program, ~3× slower in all
+    return Trio(None, CLAP(random_model(model_cfg)), None, model_cfg)
+
+
+def random_model(model_cfg):
+    """A random-init CLAPModel from one jitted init at XLA's lowest backend optimisation (it runs
+    once): eagerly, every initializer of every shape compiles its own small program, ~3× slower."""
     import jax
+    from flax import nnx
+    from clapjax.model import CLAPModel
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: CLAPModel(model_cfg, nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(CLAPModel(model_cfg, nnx.Rngs(0))),
-                    compiler_options={"xla_backend_optimization_level": 0})()
-    return Trio(None, CLAP(nnx.merge(graphdef, state)), None, model_cfg)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    state = jax.jit(lambda: nnx.state(CLAPModel(model_cfg, nnx.Rngs(0))), compiler_options=options)()
+    return nnx.merge(graphdef, state)
