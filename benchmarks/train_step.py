@@ -63,7 +63,7 @@ def clapjax_step(cfg, steps: int, one_device: bool = False) -> dict:
     def one():
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
-    timing = common.median_seconds(one, steps, warmup=1)
+    timing = common.median_seconds(one, steps, warmup=1, budget_s=60.0)
     loss = float(jax.device_get(compiled(holder["state"], batch)[1]["loss"]))
     return {"timing": timing, "compile_s": compile_s, "flops": flops, "devices": len(devices),
             "params": S.param_count(holder["state"]), "loss_finite": bool(np.isfinite(loss))}
@@ -96,7 +96,7 @@ def torch_step(batch: dict[str, np.ndarray], text_layers: int, steps: int) -> di
         with torch.no_grad():   # LAION clamps the logit scales after the step
             model.logit_scale_a.clamp_(0, np.log(100))
             model.logit_scale_t.clamp_(0, np.log(100))
-    timing = common.median_seconds(one, steps, warmup=1)
+    timing = common.median_seconds(one, steps, warmup=1, budget_s=60.0)
     return {"timing": timing, "threads": torch.get_num_threads()}
 
 
