@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         raise ValueError(f"unknown sections {sorted(bad)}; sections: {SECTIONS}")
     os.makedirs(args.out, exist_ok=True)
     workdir = args.workdir or tempfile.mkdtemp(prefix="clapjax-bench-")
+    os.makedirs(workdir, exist_ok=True)
     env = common.environment()
     results: dict = {}
     t_all = time.perf_counter()
