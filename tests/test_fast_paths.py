@@ -151,3 +151,16 @@ def test_pooled_only_last_layer_equals_full_tower(tmodel, rng):
     assert np.abs(np.asarray(full.pooled)).max() > 0.01
     if tmodel != "bart":  # BART pools every position, so it keeps them all
         assert fast.last_hidden_state.shape[1] == 1
+
+
+def test_audio_in_row_groups_equals_one_batch(rng):
+    """The API runs audio batches 4 clips per `lax.map` step: same embeddings as one big batch."""
+    from clapjax.api import embedding_functions
+    clap, _ = tiny_clap("roberta")
+    plain_audio, _ = embedding_functions(nnx.split(clap.model)[0])
+    waves = rng.uniform(-0.5, 0.5, (8, 48000)).astype(np.float32)
+    grouped = np.asarray(clap._audio_fn(clap._state, {"waveform": waves}))
+    whole = np.asarray(plain_audio(clap._state, {"waveform": waves}))
+    assert grouped.shape == (8, 16)
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-6)
+    assert not np.allclose(grouped[0], grouped[1])  # rows stay distinct, in order
