@@ -12,6 +12,12 @@ Saves are asynchronous (the arrays are copied off the devices before `save` retu
 in the background; a step directory appears only once complete, so a run killed mid-save leaves
 the previous checkpoint as the latest). Retention: the last `keep_last` checkpoints plus every
 `keep_every`-th step. A state holding a non-finite value is refused, never written.
+
+Two choices keep the first save of a run cheap (it used to take 10+ s on CPU): the finiteness check
+reads the shards on the host instead of compiling one program over every leaf (XLA:CPU took ~15 s
+for 300 leaves), and arrays are written without Orbax's replica-parallel slicing, which compiles an
+eager slice per array shape (its default off on GPU already); each replicated array is written by
+its first replica.
 """
 from __future__ import annotations
 
@@ -32,10 +38,35 @@ class NonFiniteStateError(RuntimeError):
     """A state with NaN/Inf was about to be checkpointed."""
 
 
-@jax.jit
-def _finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+def _finite(tree) -> bool:
+    """True when every floating value in `tree` is finite, on every process (a collective when
+    multi-process). Each element is read once: only the shards of replica 0 are checked."""
+    ok = True
+    for x in jax.tree.leaves(tree):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        shards = [s for s in x.addressable_shards if s.replica_id == 0] if isinstance(x, jax.Array) else [x]
+        for s in shards:
+            data = np.asarray(s.data if isinstance(x, jax.Array) else s)
+            if not np.isfinite(data.astype(np.float32) if data.dtype.itemsize < 4 else data).all():
+                ok = False
+                break
+        if not ok:
+            break
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ok = bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
+    return ok
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The PyTree handler with Orbax's array handler minus replica-parallel slicing (see above)."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (int, ocp.type_handlers.ScalarHandler()), (float, ocp.type_handlers.ScalarHandler()),
+        (np.number, ocp.type_handlers.ScalarHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -52,6 +83,12 @@ def _gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(everything, np.ravel(sizes))]
 
 
+def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
+    """Restore every array onto the sharding its ShapeDtypeStruct names."""
+    return ocp.args.PyTreeRestore(item=abstract_state,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+
+
 class Checkpointer:
     """Save / find / restore train checkpoints under `directory`."""
 
@@ -63,7 +100,10 @@ class Checkpointer:
             preservation_policy=ocm.AnyPreservationPolicy(policies), create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=bool(async_save))
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
 
     @classmethod
     def from_config(cls, cfg, workdir: str) -> "Checkpointer":
@@ -78,11 +118,11 @@ class Checkpointer:
         All processes must call it. Raises NonFiniteStateError (and writes nothing) if any
         floating value in `state` is NaN/Inf.
         """
-        if not bool(_finite(state)):
+        if not _finite(state):
             raise NonFiniteStateError(f"step {step}: the train state holds a non-finite value; not saving it")
         data = {"process_count": jax.process_count(), "processes": _gather_json(data_state)}
         self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave(dict(config))), force=True)
 
     def wait(self) -> None:
@@ -110,7 +150,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            state=_restore_args(abstract_state), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))
         data = out.data
         if data["process_count"] != jax.process_count():
@@ -133,5 +173,5 @@ class Checkpointer:
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        out = self.manager.restore(step, args=ocp.args.Composite(state=_restore_args(abstract_state)))
         return dict(out.state)
