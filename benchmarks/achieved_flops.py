@@ -1,7 +1,7 @@
 """Section 7: achieved GFLOP/s against this CPU's measured f32 matmul peak.
 
-The peak is measured in the same run: a jitted f32 `jnp.dot` of two N×N matrices (N = 2048, or 1024
-in quick mode), 2·N³ FLOPs per call, median over repeats. Achieved = XLA's cost-analysis FLOPs of
+The peak is measured in the same run: a jitted f32 `jnp.dot` of two N×N matrices, 2·N³ FLOPs per
+call, the best call over N = 2048 and 3072 (1024 and 1536 in quick mode). Achieved = XLA's cost-analysis FLOPs of
 the compiled program ÷ the measured median time: for the embeddings, the model function's FLOPs ÷
 the public API call's time (so host work counts against it); for the train step, the compiled
 step's FLOPs ÷ its step time. Read from the other sections' results.
@@ -12,15 +12,21 @@ from benchmarks import common
 
 
 def matmul_peak(n: int, repeats: int) -> dict:
+    """Best f32 GFLOP/s of a jitted N×N `jnp.dot` over N and 1.5·N (best of ≥ 8 calls each: on a
+    shared machine the best call is the one least disturbed)."""
     import jax
     import jax.numpy as jnp
-    k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32)
-    b = jax.random.normal(k2, (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    t = common.median_seconds(lambda: dot(a, b).block_until_ready(), max(repeats, 5), warmup=2)
-    return {"n": n, "gflops": 2 * n**3 / t["min_s"] / 1e9, "gflops_median": 2 * n**3 / t["median_s"] / 1e9,
-            "timing": t}
+    best = None
+    for size in (n, n * 3 // 2):
+        k1, k2 = jax.random.split(jax.random.key(0))
+        a = jax.random.normal(k1, (size, size), jnp.float32)
+        b = jax.random.normal(k2, (size, size), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        t = common.median_seconds(lambda: dot(a, b).block_until_ready(), max(repeats, 8), warmup=2, budget_s=10.0)
+        got = {"n": size, "gflops": 2 * size**3 / t["min_s"] / 1e9,
+               "gflops_median": 2 * size**3 / t["median_s"] / 1e9, "timing": t}
+        best = got if best is None or got["gflops"] > best["gflops"] else best
+    return best
 
 
 def run(opts: common.Options, results: dict) -> dict:
