@@ -143,7 +143,6 @@ def profile_audio(ref, model, clap, b: int, repeats: int, fused: bool, rng) -> s
     full_ours = median_seconds(lambda: np.asarray(clap.get_audio_embedding_from_data(
         batch["waveform"], quantize=False)) if not fused else np.asarray(clap._run(clap._audio_fn, batch)), repeats)
 
-    mods = {"front": None, "patch": tb.patch_embed}
     mods = {f"layers.{i}": layer for i, layer in enumerate(tb.layers)}
     mods.update(patch=tb.patch_embed, norm=tb.norm, tscam=tb.tscam_conv, attn=tb.layers[0].blocks[1].attn,
                 bn0=tb.bn0)
