@@ -234,20 +234,26 @@ def _cubic_coefficients(t: np.ndarray, a: float = -0.75) -> list[np.ndarray]:
     return [far(t + one), near(t), near(one - t), far((one - t) + one)]
 
 
-def bicubic_taps(n_in: int, n_out: int, position_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """(4, n_out) int32 source indices and (4, n_out) float32 weights of PyTorch's bicubic resize
-    (align_corners=True), taps −1..2 around floor(position), indices clamped onto the border."""
+def _bicubic_stencil(n_in: int, n_out: int, position_dtype) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(4, n_out) int64 clamped source indices (taps −1..2 around floor(position)) and the four Keys
+    weights in `position_dtype`, computed as PyTorch's `upsample_bicubic2d` does (align_corners)."""
     if n_in < 1 or n_out < 1:
-        raise ValueError(f"bicubic_taps needs positive sizes, got n_in={n_in}, n_out={n_out}")
+        raise ValueError(f"bicubic resize needs positive sizes, got n_in={n_in}, n_out={n_out}")
     dt = np.dtype(position_dtype).type
     scale = dt(n_in - 1) / dt(n_out - 1) if n_out > 1 else dt(0)
     src = scale * np.arange(n_out).astype(dt)                      # rounded like PyTorch's
     base = np.clip(np.floor(src), 0, n_in - 1)                     # guard_index_and_lambda
     frac = np.clip(src - base.astype(dt), dt(0), dt(1)).astype(dt)
     base = base.astype(np.int64)
-    idx = np.stack([np.clip(base + tap, 0, n_in - 1) for tap in range(-1, 3)]).astype(np.int32)
-    weights = np.stack([w.astype(np.float32) for w in _cubic_coefficients(frac)])
-    return idx, weights
+    idx = np.stack([np.clip(base + tap, 0, n_in - 1) for tap in range(-1, 3)])
+    return idx, _cubic_coefficients(frac)
+
+
+def bicubic_taps(n_in: int, n_out: int, position_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(4, n_out) int32 source indices and (4, n_out) float32 weights of PyTorch's bicubic resize
+    (align_corners=True), taps −1..2 around floor(position), indices clamped onto the border."""
+    idx, weights = _bicubic_stencil(n_in, n_out, position_dtype)
+    return idx.astype(np.int32), np.stack([w.astype(np.float32) for w in weights])
 
 
 def bicubic_matrix(n_in: int, n_out: int, position_dtype=np.float32) -> np.ndarray:
@@ -259,18 +265,11 @@ def bicubic_matrix(n_in: int, n_out: int, position_dtype=np.float32) -> np.ndarr
     weights in the input's own dtype (float32 for HTSAT); doing the same (`position_dtype`) matters:
     float64 positions would move 1001→1024 outputs by up to 3e-4. Equal sizes give the identity.
     """
-    if n_in < 1 or n_out < 1:
-        raise ValueError(f"bicubic_matrix needs positive sizes, got n_in={n_in}, n_out={n_out}")
-    dt = np.dtype(position_dtype).type
-    scale = dt(n_in - 1) / dt(n_out - 1) if n_out > 1 else dt(0)
-    src = scale * np.arange(n_out).astype(dt)                      # rounded like PyTorch's
-    base = np.clip(np.floor(src), 0, n_in - 1)                     # guard_index_and_lambda
-    frac = np.clip(src - base.astype(dt), dt(0), dt(1)).astype(dt)
-    base = base.astype(np.int64)
+    idx, weights = _bicubic_stencil(n_in, n_out, position_dtype)
     m = np.zeros((n_out, n_in), dtype=np.float64)
     rows = np.arange(n_out)
-    for tap, w in zip(range(-1, 3), _cubic_coefficients(frac)):
-        np.add.at(m, (rows, np.clip(base + tap, 0, n_in - 1)), w.astype(np.float64))
+    for tap_idx, w in zip(idx, weights):
+        np.add.at(m, (rows, tap_idx), w.astype(np.float64))
     return m.astype(np.float32)
 
 
