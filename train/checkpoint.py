@@ -41,18 +41,16 @@ class NonFiniteStateError(RuntimeError):
 def _finite(tree) -> bool:
     """True when every floating value in `tree` is finite, on every process (a collective when
     multi-process). Each element is read once: only the shards of replica 0 are checked."""
-    ok = True
-    for x in jax.tree.leaves(tree):
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            continue
-        shards = [s for s in x.addressable_shards if s.replica_id == 0] if isinstance(x, jax.Array) else [x]
-        for s in shards:
-            data = np.asarray(s.data if isinstance(x, jax.Array) else s)
-            if not np.isfinite(data.astype(np.float32) if data.dtype.itemsize < 4 else data).all():
-                ok = False
-                break
-        if not ok:
-            break
+    def pieces():   # host views of every floating value, each element once
+        for x in jax.tree.leaves(tree):
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                continue
+            if isinstance(x, jax.Array):
+                yield from (np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0)
+            else:
+                yield np.asarray(x)
+    # np.isfinite has no bfloat16 loop: narrow floats are widened first
+    ok = all(np.isfinite(d.astype(np.float32) if d.dtype.itemsize < 4 else d).all() for d in pieces())
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         ok = bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
