@@ -9,6 +9,7 @@ model never needs a mesh (Flax shards `out_sharding` variables eagerly).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -44,9 +45,71 @@ def linear(din: int, dout: int, axes: tuple[str | None, str | None], rngs: nnx.R
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, *, prec: Precision = Precision(),
                axis: str | None = "norm") -> nnx.LayerNorm:
     """`torch.nn.LayerNorm(dim, eps)`: two-pass variance, as PyTorch computes it."""
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=prec.dtype,
-                         param_dtype=prec.param_dtype, scale_metadata=_axes((axis,)),
-                         bias_metadata=_axes((axis,)), rngs=rngs)
+    return LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=prec.dtype,
+                     param_dtype=prec.param_dtype, scale_metadata=_axes((axis,)),
+                     bias_metadata=_axes((axis,)), rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` (same parameters, same forward arithmetic) with PyTorch's LayerNorm backward.
+
+    Autodiff of Flax's normalisation makes XLA:CPU write the broadcast `rsqrt(var + eps) · scale`
+    and the centred input as full-size arrays in the forward pass of a training step, three
+    elementwise passes per LayerNorm beside the matmuls. With the gradient written by hand the
+    forward keeps only x, the mean and 1/std per token (benchmarks/RESULTS.md, train step).
+    Layouts other than "normalise the last axis, scale and bias, two-pass variance, no mask or
+    named axis" use Flax's own path."""
+
+    def __call__(self, x, *, mask: jax.Array | None = None):
+        last = (x.ndim - 1,)
+        plain = (mask is None and self.axis_name is None and not self.use_fast_variance
+                 and self.scale is not None and self.bias is not None
+                 and tuple(a % x.ndim for a in _tuple(self.reduction_axes)) == last
+                 and tuple(a % x.ndim for a in _tuple(self.feature_axes)) == last)
+        if not plain:
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+        return _layer_norm(x, scale, bias, float(self.epsilon), jnp.dtype(out_dtype))
+
+
+def _tuple(axes) -> tuple:
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def _layer_norm_stats(x, eps):
+    xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xs, axis=-1, keepdims=True)
+    var = jnp.mean(jax.lax.square(xs - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, out_dtype):
+    """(x - mean) · (rsqrt(var + eps) · scale) + bias over the last axis, in Flax's order of operations."""
+    mean, rstd = _layer_norm_stats(x, eps)
+    return ((x - mean) * (rstd * scale) + bias).astype(out_dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
+    mean, rstd = _layer_norm_stats(x, eps)
+    return ((x - mean) * (rstd * scale) + bias).astype(out_dtype), (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(eps, out_dtype, residuals, g):
+    x, scale, mean, rstd = residuals
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    g = g.astype(mean.dtype)
+    batch_axes = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(g * xhat, axis=batch_axes)
+    dbias = jnp.sum(g, axis=batch_axes)
+    dxhat = g * scale.astype(mean.dtype)
+    dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)   # promote_dtype gave bias scale's dtype
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def embed(num: int, dim: int, rngs: nnx.Rngs, *, prec: Precision = Precision(),
@@ -80,9 +143,31 @@ def batch_norm(dim: int, rngs: nnx.Rngs, *, eps: float = 1e-5, prec: Precision =
                          scale_metadata=_axes(("norm",)), bias_metadata=_axes(("norm",)), rngs=rngs)
 
 
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """`torch.nn.GELU()`: the exact erf form (Flax's default is the tanh approximation)."""
+    """`torch.nn.GELU()`: the exact erf form (Flax's default is the tanh approximation).
+
+    The value is `jax.nn.gelu(x, approximate=False)`. The gradient is written by hand, as PyTorch's
+    GELU backward is: autodiff of the erf form makes the forward pass of a training step compute and
+    store erf and exp(-x²/2) as separate full-size arrays (three elementwise passes per MLP that
+    cannot fuse into the matmul), where keeping only x and recomputing the derivative inside the
+    backward's own pass is one read (benchmarks/RESULTS.md, train step)."""
     return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    # d/dx x·Φ(x) = Φ(x) + x·φ(x), in f32 whatever the compute dtype
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (2.0 ** -0.5)))
+    pdf = jnp.exp(-0.5 * xf * xf) * ((2.0 * jnp.pi) ** -0.5)
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

@@ -108,6 +108,56 @@ def drop_path(x: jax.Array, rate: float, *, deterministic: bool, rngs: nnx.Rngs 
     return x / keep * jnp.floor(keep + u).astype(x.dtype)
 
 
+# --- attention inside windows -----------------------------------------------------------------
+
+def _attention(qkv: jax.Array, bias: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Output and softmax weights. Plain batched matmuls over the leading (B, nW, heads) axes:
+    XLA:CPU lowers an einsum whose head axis sits between the token and feature axes (bwqhd) with
+    extra copies around each tiny matmul, ~3× the attention itself at Swin's shapes (PROFILE.md)."""
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    logits = jnp.matmul(q * scale, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.matmul(weights, v), weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def window_attention(qkv: jax.Array, bias: jax.Array, scale: float) -> jax.Array:
+    """softmax(q·scale·kᵀ + bias)·v for stacked heads-major qkv (3, B, nW, heads, N, d) and a float32
+    bias (1 or nW, heads, N, N) → (B, nW, heads, N, d); softmax in float32.
+
+    The gradient is written by hand (the standard attention backward, as PyTorch's autograd
+    computes it): the residuals are qkv, the bias and the softmax weights, and the backward returns
+    the three gradients already stacked. Autodiff of the same forward materialises the broadcast
+    softmax denominator as a full-size array in the forward pass and, in the backward, pads dq, dk,
+    dv into three (3, …) arrays and adds them — the largest non-matmul cost of HTSAT's training
+    step on XLA:CPU (benchmarks/RESULTS.md)."""
+    return _attention(qkv, bias, scale)[0]
+
+
+def _window_attention_fwd(qkv, bias, scale):
+    out, weights = _attention(qkv, bias, scale)
+    return out, (qkv, bias, weights)
+
+
+def _window_attention_bwd(scale, residuals, g):
+    qkv, bias, weights = residuals
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    dv = jnp.matmul(jnp.swapaxes(weights, -1, -2), g.astype(weights.dtype))
+    dw = jnp.matmul(g, jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+    p = weights.astype(jnp.float32)
+    dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True))      # softmax backward, f32
+    dbias = jnp.sum(dlogits, axis=0)                                   # bias broadcasts over B
+    if dbias.shape[0] != bias.shape[0]:                                # … and over windows
+        dbias = jnp.sum(dbias, axis=0, keepdims=True)
+    ds = dlogits.astype(q.dtype)
+    dq = jnp.matmul(ds, k) * scale
+    dk = jnp.matmul(jnp.swapaxes(ds, -1, -2), q * scale)
+    return jnp.stack([dq, dk, dv.astype(q.dtype)]).astype(qkv.dtype), dbias.astype(bias.dtype)
+
+
+window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
 # --- modules -------------------------------------------------------------------------------------
 
 class WindowAttention(nnx.Module):
@@ -140,22 +190,12 @@ class WindowAttention(nnx.Module):
         bias = self.relative_bias()[None]
         return bias if mask is None else bias + jnp.asarray(mask)[:, None]
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-        """Heads-major (B, nW, heads, N, d) q/k/v → (B, nW, heads, N, d).
-
-        Plain batched matmuls over leading axes: XLA:CPU lowers an einsum whose head axis sits
-        between the token and feature axes (bwqhd) with extra copies around each tiny matmul, which
-        cost ~3× the attention itself at Swin's window shapes (PROFILE.md)."""
-        logits = jnp.matmul(q * self.scale, jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.matmul(weights, v)
-
     def __call__(self, windows: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """windows (B, nW, N, C); mask (nW, N, N) or None → (B, nW, N, C)."""
         b, nw, n, c = windows.shape
         h = self.num_heads
         qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
-        out = self.attend(qkv[0], qkv[1], qkv[2], self.combined_bias(mask))
+        out = window_attention(qkv, self.combined_bias(mask), self.scale)
         return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
 
     def on_grid(self, x: jax.Array, shift: int, mask: np.ndarray | None) -> jax.Array:
@@ -172,7 +212,7 @@ class WindowAttention(nnx.Module):
         # (b, rows, w, cols, w, 3, heads, d) → (3, b, rows, cols, heads, w, w, d)
         qkv = qkv.reshape(b, hh // w, w, ww // w, w, 3, h, c // h).transpose(5, 0, 1, 3, 6, 2, 4, 7)
         qkv = qkv.reshape(3, b, (hh // w) * (ww // w), h, w * w, c // h)
-        out = self.attend(qkv[0], qkv[1], qkv[2], self.combined_bias(mask))
+        out = window_attention(qkv, self.combined_bias(mask), self.scale)
         out = out.reshape(b, hh // w, ww // w, h, w, w, c // h).transpose(0, 1, 4, 2, 5, 3, 6).reshape(b, hh, ww, c)
         if shift:
             out = jnp.roll(out, (shift, shift), axis=(1, 2))
