@@ -185,15 +185,17 @@ def test_fused_cnn14_training_batch_statistics(fused_pair, monkeypatch):
     mel = mel[:, :, :101]
     mel = np.concatenate([mel, mel[[0, 2]] + np.array([-10.0, 6.0], np.float32)[:, None, None, None]])
     longer = np.array([True, False, True, True, True])
-    ref = copy.deepcopy(ref0).train()
+    # LAION's module run in float64: train-mode BN amplifies float32 round-off, and LAION's own
+    # float32 run is 1.4e-5 off its float64 one on an AVX2 host (5e-6 on AVX-512), so the fp32
+    # reference is not a 1e-5 yardstick here; ours is 9e-6 from the float64 result on that host
+    ref = copy.deepcopy(ref0).train().double()
     ref.spec_augmenter = torch.nn.Identity()
     monkeypatch.setattr(_pann_module(), "F", _NoDropout())
     with torch.no_grad():
-        want = ref({"mel_fusion": torch.from_numpy(mel), "longer": torch.from_numpy(longer[:, None].copy())})
+        want = ref({"mel_fusion": torch.from_numpy(mel).double(), "longer": torch.from_numpy(longer[:, None].copy())})
     cfg = dataclasses.replace(ours0.config, block_dropout=0.0, head_dropout=0.0, spec_augment=False)
     ours = _with_config(ours0, cfg)
     got = _fused_train(ours, jnp.asarray(mel), jnp.asarray(longer), nnx.Rngs(0))
-    # batch statistics amplify float32 round-off: LAION fp32 itself is ~5e-6 off its float64 run here
     _assert_close(_max_abs(got, want), "PANN-14 aff_2d training mode")
     ours_vars = keymap.target_variables(ours)
     for path in ("mel_conv2d.1", "fusion_model.local_att.1", "fusion_model.global_att.2", "conv_block1.bn1"):
