@@ -62,3 +62,29 @@ def test_device_peak_table():
     assert gpu.device_peak("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu.device_peak("TPU v5 lite") == 197e12
     assert gpu.device_peak("cpu") is None
+
+
+def test_profile_train_charges_overlapping_ops_their_exclusive_share():
+    from benchmarks import profile_train as P
+    # a: 0-10 alone, then 10-20 together with b; c: 30-35 alone
+    events = [{"ts": 0, "dur": 20}, {"ts": 10, "dur": 10}, {"ts": 30, "dur": 5}]
+    assert P.exclusive_times(events) == [15.0, 5.0, 5.0]
+
+
+def test_profile_train_maps_ops_to_pass_and_source_line():
+    from benchmarks import profile_train as P
+    hlo = "\n".join([
+        "HloModule jit_step", "", "FileNames", '1 "/pkg/clapjax/layers.py"', '2 "/x/site-packages/flax/linear.py"', "",
+        "FunctionNames", '1 "gelu"', '2 "Linear.__call__"', "",
+        "FileLocations", "1 {file_name_id=1 function_name_id=1 line=85 end_line=85}",
+        "2 {file_name_id=2 function_name_id=2 line=10 end_line=10}", "",
+        "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "2 {file_location_id=2 parent_frame_id=1}",
+        "3 {file_location_id=2 parent_frame_id=3}", "",
+        "ENTRY %main {",
+        '  %fusion.1 = f32[4] fusion(%p), metadata={op_name="jit(step)/jvp()/mul" stack_frame_id=2}',
+        '  %dot.2 = f32[4] dot(%a, %b), metadata={op_name="jit(step)/transpose(jvp())/dot_general" stack_frame_id=3}',
+        "  ROOT %copy.3 = f32[4] copy(%dot.2)", "}"])
+    got = P.op_sources(hlo, ("/pkg/clapjax/",))
+    assert got["fusion.1"] == ("fwd", "gelu:85")                  # Flax frame skipped, caller found
+    assert got["dot.2"] == ("bwd", "primitive dot_general")       # no clapjax frame: the primitive
+    assert got["copy.3"] == ("fwd", "primitive copy")
