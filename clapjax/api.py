@@ -96,11 +96,14 @@ def trimmed_text_length(batch: dict[str, np.ndarray], tmodel: str, step: int = T
       after it reaches it.
     The length is rounded up to a multiple of `step` (one compile per bucket, not per length) and
     never exceeds the batch's. BART, rows with no real token (their softmax is uniform over every
-    position) and batches without the needed key keep their full length.
+    position) and batches without an attention mask keep their full length; a batch without
+    `input_ids` is refused.
     """
     ids = batch.get("input_ids")
-    if tmodel not in TRIMMABLE_TEXT or ids is None or ids.ndim != 2:
-        return ids.shape[-1] if ids is not None else 0
+    if ids is None:
+        raise ValueError(f"a tokenized text batch needs 'input_ids' (N, L); got keys {sorted(batch)}")
+    if tmodel not in TRIMMABLE_TEXT or ids.ndim != 2:
+        return ids.shape[-1]
     full = ids.shape[1]
     if tmodel == "transformer":
         needed = int(np.argmax(ids, axis=1).max()) + 1

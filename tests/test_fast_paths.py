@@ -98,6 +98,9 @@ def test_trimmed_text_length_rules(rng):
     clip = captions("transformer", [33], rng)
     clip["attention_mask"][:] = 1
     assert trimmed_text_length(clip, "transformer") == 48
+    # no ids: refused by name (it used to answer 0, which would have cut every array to 0 columns)
+    with pytest.raises(ValueError, match="input_ids"):
+        trimmed_text_length({"attention_mask": b["attention_mask"]}, "roberta")
 
 
 def test_heads_major_attention_equals_einsum(rng):
