@@ -87,8 +87,7 @@ def _layer_norm_stats(x, eps):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x, scale, bias, eps, out_dtype):
     """(x - mean) · (rsqrt(var + eps) · scale) + bias over the last axis, in Flax's order of operations."""
-    mean, rstd = _layer_norm_stats(x, eps)
-    return ((x - mean) * (rstd * scale) + bias).astype(out_dtype)
+    return _layer_norm_fwd(x, scale, bias, eps, out_dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
