@@ -7,9 +7,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup system test demo bench clean
 
-setup: $(STAMP)
+# Everything `make test` needs: the venv and the system tools some tests call (sox, espeak-ng).
+setup: $(STAMP) system
+
+# Installs sox/espeak-ng with apt-get where it can; otherwise stops, before any test, with the command to run.
+system:
+	bash scripts/system_packages.sh
 
 # Idempotent: reruns only when the venv is missing or the pinned requirements/pyproject changed.
 $(STAMP): requirements.txt pyproject.toml
@@ -23,12 +28,13 @@ $(STAMP): requirements.txt pyproject.toml
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: setup
+# the demo needs no system tools, only the venv
+demo: $(STAMP)
 	$(PY) -m clapjax.demo
 
 # speed comparisons against the PyTorch reference (not part of the tests; see benchmarks/RESULTS.md);
 # `make bench BENCH_ARGS=--quick` is a few-minute smoke run
-bench: setup
+bench: $(STAMP)
 	$(PY) -m benchmarks.run_all --out benchmarks/results $(BENCH_ARGS)
 
 clean:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import reference as ref
+from helpers import require_tools
 from clapjax.api import CLAP
 from clapjax.convert import keymap as K
 from clapjax.convert import pipeline
@@ -55,6 +56,7 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio_files(tmp_path_factory):
     """Real files of mixed rates, channel counts and lengths, made with sox and espeak-ng."""
+    require_tools("sox", "espeak-ng")
     d = tmp_path_factory.mktemp("audio")
     cmds = {
         "speech_22k.wav": ["espeak-ng", "-w", d / "speech_22k.wav", "a dog barks loudly in the distance"],
