@@ -128,7 +128,7 @@ class CLAPModel(nnx.Module):
                                           prec=cfg.text.precision)
         if cfg.transform_heads:
             self.audio_transform = MLPLayers(joint, rngs, prec=prec)
-            self.text_transform = MLPLayers(joint, rngs, prec=prec)
+            self.text_transform = MLPLayers(joint, rngs, prec=cfg.text.precision)
         else:
             self.audio_transform = self.text_transform = None
         self.logit_scale_a = LogitScale(jnp.asarray(LOGIT_SCALE_INIT, jnp.float32), logical_axes=())

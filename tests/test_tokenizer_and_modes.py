@@ -140,3 +140,15 @@ def test_unknown_text_model_is_a_clear_error():
         T.default_text_config("gpt")
     with pytest.raises(ValueError, match="position_style"):
         T.BertConfig(position_style="rotary")
+
+
+def test_each_head_computes_in_its_own_towers_precision():
+    """bf16 text with f32 audio: the text projection and transform heads compute in bf16, the audio ones in f32
+    (the text transform head once took the audio tower's precision)."""
+    from clapjax.model import CLAPConfig, CLAPModel
+    cfg = CLAPConfig.from_laion("HTSAT-tiny", "roberta", text_overrides=dict(dtype="bfloat16"))
+    model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
+    heads = {"audio": (model.audio_projection[0], model.audio_transform.sequential[0]),
+             "text": (model.text_projection[0], model.text_transform.sequential[0])}
+    assert {side: [jnp.dtype(layer.dtype) for layer in layers] for side, layers in heads.items()} == {
+        "audio": [jnp.float32] * 2, "text": [jnp.bfloat16] * 2}
