@@ -203,23 +203,41 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     return jnp.swapaxes(jnp.matmul(weights, vh), 1, 2)
 
 
-def self_attention(query: nnx.Linear, key: nnx.Linear, value: nnx.Linear, x: jax.Array, bias: jax.Array | None,
-                   num_heads: int, dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
-                   rngs: nnx.Rngs | None = None, q_x: jax.Array | None = None) -> jax.Array:
-    """Multi-head self-attention from three projections (B, N, D) → merged heads (B, N, D), with
-    q scaled by head_dim^-0.5 as HF's BERT/RoBERTa/BART and torch's MultiheadAttention do.
-
-    `q_x` (B, M, D), when given, is the subset of rows of `x` that ask the queries (keys and values
-    still come from all of `x`); the result is then (B, M, D). A tower whose output is read at one
-    token needs only that token's query in its last layer."""
-    b, n, _ = x.shape
-    q_in = x if q_x is None else q_x
-    q, k, v = query(q_in), key(x), value(x)
-    hd = q.shape[-1] // num_heads
-    q = q.reshape(b, q_in.shape[1], num_heads, hd) * (hd ** -0.5)
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, num_heads: int,
+                         dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
+                         rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Projected q (B, M, D) and k, v (B, N, D) → merged heads (B, M, D), with q scaled by head_dim^-0.5 as HF's
+    BERT/RoBERTa/BART and torch's MultiheadAttention do."""
+    b, m, d = q.shape
+    n, hd = k.shape[1], d // num_heads
+    q = q.reshape(b, m, num_heads, hd) * (hd ** -0.5)
     out = dot_product_attention(q, k.reshape(b, n, num_heads, hd), v.reshape(b, n, num_heads, hd), bias,
                                 dropout, deterministic=deterministic, rngs=rngs)
-    return out.reshape(b, q_in.shape[1], num_heads * hd)
+    return out.reshape(b, m, d)
+
+
+def self_attention(query: nnx.Linear, key: nnx.Linear, value: nnx.Linear, x: jax.Array, bias: jax.Array | None,
+                   num_heads: int, dropout: nnx.Dropout | None = None, *, deterministic: bool = True,
+                   rngs: nnx.Rngs | None = None, pooled_rows: jax.Array | None = None) -> jax.Array:
+    """Multi-head self-attention from three projections, (B, N, D) → (B, N, D).
+
+    `pooled_rows` (B, M, D): the pooled-token fast path. When given, they are the rows of `x` whose outputs the
+    tower reads, and only they ask queries (keys and values still come from all of `x`): the result is (B, M, D).
+    A tower whose output is read at one token needs only that token's query in its last layer."""
+    q_in = x if pooled_rows is None else pooled_rows
+    return multi_head_attention(query(q_in), key(x), value(x), bias, num_heads, dropout,
+                                deterministic=deterministic, rngs=rngs)
+
+
+def linear_columns(layer: nnx.Linear, x: jax.Array, start: int, stop: int) -> jax.Array:
+    """Output features [start, stop) of a Linear, computing only those: for a packed projection (torch's
+    MultiheadAttention `in_proj`) of which a caller needs one part for some rows and the rest for others."""
+    kernel = layer.kernel[...][:, start:stop]
+    bias = None if layer.bias is None else layer.bias[...][start:stop]
+    # the layer's own dtype promotion and dot_general, as its __call__ uses them
+    x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+    y = layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision)
+    return y if bias is None else y + bias
 
 
 def padding_bias(attention_mask: jax.Array) -> jax.Array:

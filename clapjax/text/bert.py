@@ -119,9 +119,9 @@ class BertSelfAttention(nnx.Module):
         self.value = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_rows=None):
         return L.self_attention(self.query, self.key, self.value, x, bias, self.num_heads, self.dropout,
-                                deterministic=deterministic, rngs=rngs, q_x=q_x)
+                                deterministic=deterministic, rngs=rngs, pooled_rows=pooled_rows)
 
 
 class BertSelfOutput(nnx.Module):
@@ -144,9 +144,9 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, rngs)
         self.output = BertSelfOutput(cfg, cfg.hidden_size, ("heads", "embed"), rngs)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
-        a = self.self(x, bias, deterministic=deterministic, rngs=rngs, q_x=q_x)
-        return self.output(a, x if q_x is None else q_x, deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_rows=None):
+        a = self.self(x, bias, deterministic=deterministic, rngs=rngs, pooled_rows=pooled_rows)
+        return self.output(a, x if pooled_rows is None else pooled_rows, deterministic=deterministic, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -164,9 +164,9 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, rngs)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None, q_x=None):
-        """(B, L, D) → (B, L, D); with `q_x` (B, M, D), rows of `x`, only those rows' outputs."""
-        a = self.attention(x, bias, deterministic=deterministic, rngs=rngs, q_x=q_x)
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_rows=None):
+        """(B, L, D) → (B, L, D); with `pooled_rows` (B, M, D), rows of `x`, only those rows' outputs."""
+        a = self.attention(x, bias, deterministic=deterministic, rngs=rngs, pooled_rows=pooled_rows)
         return self.output(self.intermediate(a), a, deterministic=deterministic, rngs=rngs)
 
 
@@ -175,16 +175,16 @@ class BertEncoder(nnx.Module):
         self.cfg = cfg
         self.layer = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x, bias, *, deterministic=True, rngs=None, first_token_only=False):
-        """With `first_token_only` the last layer computes only token 0 (what the pooler reads):
+    def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_only=False):
+        """With `pooled_only` the last layer computes only token 0 (what the pooler reads):
         its other rows feed nothing downstream, so the result is (B, 1, D)."""
         def run(layer, x, bias, rngs):
             return layer(x, bias, deterministic=deterministic, rngs=rngs)
         run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
         last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
-            if first_token_only and i == last:
-                x = layer(x, bias, deterministic=deterministic, rngs=rngs, q_x=x[:, :1])
+            if pooled_only and i == last:
+                x = layer(x, bias, deterministic=deterministic, rngs=rngs, pooled_rows=x[:, :1])
             else:
                 x = run(layer, x, bias, rngs)
         return x
@@ -216,5 +216,5 @@ class BertModel(nnx.Module):
             attention_mask = jnp.ones_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
         x = self.encoder(x, L.padding_bias(attention_mask), deterministic=deterministic, rngs=rngs,
-                         first_token_only=pooled_only)
+                         pooled_only=pooled_only)
         return TextOutput(x, self.pooler(x))

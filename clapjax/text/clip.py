@@ -60,18 +60,17 @@ class MultiheadAttention(nnx.Module):
         self.in_proj = L.linear(width, 3 * width, ("embed", "qkv"), rngs, prec=prec)
         self.out_proj = L.linear(width, width, ("heads", "embed"), rngs, prec=prec)
 
-    def __call__(self, x, bias, q_x=None):
-        """`q_x` (B, M, D): the rows that ask queries (default: all of `x`) → (B, M, D)."""
-        b, n, d = x.shape
-        h = self.num_heads
-        hd = d // h
-        q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
-        if q_x is not None:
-            q = jnp.split(self.in_proj(q_x), 3, axis=-1)[0]
-        m = q.shape[1]
-        q = q.reshape(b, m, h, hd) * (hd ** -0.5)
-        out = L.dot_product_attention(q, k.reshape(b, n, h, hd), v.reshape(b, n, h, hd), bias)
-        return self.out_proj(out.reshape(b, m, d))
+    def __call__(self, x, bias, pooled_rows=None):
+        """(B, L, D) → (B, L, D); with `pooled_rows` (B, M, D) (rows of `x`), only their outputs (B, M, D): they
+        alone ask queries, so only their part of the packed projection is computed for them, and only the key and
+        value parts for `x`."""
+        d = x.shape[-1]
+        if pooled_rows is None:
+            q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
+        else:
+            q = L.linear_columns(self.in_proj, pooled_rows, 0, d)
+            k, v = jnp.split(L.linear_columns(self.in_proj, x, d, 3 * d), 2, axis=-1)
+        return self.out_proj(L.multi_head_attention(q, k, v, bias, self.num_heads))
 
 
 class Mlp(nnx.Module):
@@ -92,15 +91,14 @@ class ResidualAttentionBlock(nnx.Module):
         self.ln_2 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
         self.mlp = Mlp(cfg.width, cfg.act, rngs, p)
 
-    def __call__(self, x, bias, rows=None):
-        """(B, L, D) → (B, L, D); with `rows` (B, M) token indices, only those rows: (B, M, D)
-        (`bias` then holds just their query rows)."""
+    def __call__(self, x, bias, pooled_rows=None):
+        """(B, L, D) → (B, L, D); with `pooled_rows` (B, M, D), rows of `x`, only those rows' outputs (B, M, D)
+        (`bias` then holds just their query rows). LayerNorm is per row, so ln_1 of the rows is ln_1(x)'s rows."""
         y = self.ln_1(x)
-        if rows is None:
+        if pooled_rows is None:
             x = x + self.attn(y, bias)
         else:
-            pick = rows[:, :, None]
-            x = jnp.take_along_axis(x, pick, axis=1) + self.attn(y, bias, jnp.take_along_axis(y, pick, axis=1))
+            x = pooled_rows + self.attn(y, bias, self.ln_1(pooled_rows))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -142,7 +140,8 @@ class ClipTextTransformer(nnx.Module):
         for i, block in enumerate(self.resblocks):
             if pooled_only and i == last:
                 # the EOT query row of the causal mask: keys up to the EOT token
-                x = block(x, jnp.asarray(causal_bias(n))[eot][:, None, None, :], rows=eot[:, None])
+                x = block(x, jnp.asarray(causal_bias(n))[eot][:, None, None, :],
+                          pooled_rows=jnp.take_along_axis(x, eot[:, None, None], axis=1))
             else:
                 x = run(block, x)
         x = self.ln_final(x)
