@@ -249,13 +249,29 @@ def test_log_mel_rejects_bad_input():
 
 # --- HTSAT's reshape ------------------------------------------------------------------------------
 
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix M with M @ x = PyTorch bicubic resize of x, align_corners=True, from
+    `fe.bicubic_taps`: the dense oracle for the four-tap stencil the front end runs.
+
+    Source position of output i is i·(n_in−1)/(n_out−1); the four taps floor−1..floor+2 take Keys weights
+    (A = −0.75) and taps beyond the edges are clamped onto the border samples, as `upsample_bicubic2d` does.
+    PyTorch computes the positions and weights in float32 for HTSAT; float64 positions would move 1001→1024
+    outputs by up to 3e-4. Equal sizes give the identity."""
+    idx, weights = fe.bicubic_taps(n_in, n_out)
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    for tap_idx, w in zip(idx, weights):
+        np.add.at(m, (rows, tap_idx), w.astype(np.float64))
+    return m.astype(np.float32)
+
+
 @pytest.mark.parametrize("n_in,n_out", [(1001, 1024), (64, 64), (7, 13), (13, 7), (5, 1), (1, 4), (2667, 1024)])
 def test_bicubic_matrix_equals_torch_interpolate(n_in, n_out):
     import torch
     x = np.random.default_rng(n_in).standard_normal((2, 3, n_in, 5)).astype(np.float32)
     want = torch.nn.functional.interpolate(torch.from_numpy(x), (n_out, 5), mode="bicubic",
                                            align_corners=True).numpy()
-    m = fe.bicubic_matrix(n_in, n_out)
+    m = bicubic_matrix(n_in, n_out)
     assert m.shape == (n_out, n_in) and m.dtype == np.float32
     got = np.einsum("ot,bctf->bcof", m.astype(np.float64), x.astype(np.float64))
     assert report(f"bicubic_matrix {n_in}->{n_out} vs torch", np.abs(got - want).max()) <= 1e-6

@@ -63,9 +63,6 @@ class FrontEndConfig:
         """Frames of one centred STFT over `clip_samples` (480000 → 1001)."""
         return self.clip_samples // self.hop_size + 1
 
-    def num_frames(self, num_samples: int) -> int:
-        return num_samples // self.hop_size + 1
-
     @classmethod
     def from_laion(cls, audio_cfg: Mapping) -> "FrontEndConfig":
         """From a LAION model config's `audio_cfg` dict (extra keys such as class_num are ignored)."""
@@ -256,23 +253,6 @@ def bicubic_taps(n_in: int, n_out: int, position_dtype=np.float32) -> tuple[np.n
     return idx.astype(np.int32), np.stack([w.astype(np.float32) for w in weights])
 
 
-def bicubic_matrix(n_in: int, n_out: int, position_dtype=np.float32) -> np.ndarray:
-    """(n_out, n_in) float32 matrix M with M @ x = PyTorch bicubic resize of x, align_corners=True.
-
-    Source position of output i is i·(n_in−1)/(n_out−1); the four taps floor−1..floor+2 take Keys
-    weights (A = −0.75) and taps beyond the edges are clamped onto the border samples, as
-    `upsample_bicubic2d` does. PyTorch computes the scale, the positions, their fractions and the
-    weights in the input's own dtype (float32 for HTSAT); doing the same (`position_dtype`) matters:
-    float64 positions would move 1001→1024 outputs by up to 3e-4. Equal sizes give the identity.
-    """
-    idx, weights = _bicubic_stencil(n_in, n_out, position_dtype)
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    for tap_idx, w in zip(idx, weights):
-        np.add.at(m, (rows, tap_idx), w.astype(np.float64))
-    return m.astype(np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def _cached_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     idx, weights = bicubic_taps(n_in, n_out)
@@ -283,8 +263,8 @@ def _cached_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 def _bicubic_resize(x: jax.Array, n_out: int, axis: int) -> jax.Array:
     """Resize `axis` of x with the four-tap stencil, summed in PyTorch's order w0·x0 + … + w3·x3.
 
-    Same result as `bicubic_matrix(n, n_out) @ x` to round-off, at 4 multiply-adds per output
-    instead of n: the dense matmul cost ~4 GFLOP for a fused batch of 8 (PROFILE.md)."""
+    Same result as the dense resize matrix (tests/test_frontend.py `bicubic_matrix`) @ x to round-off, at 4
+    multiply-adds per output instead of n: the dense matmul cost ~4 GFLOP for a fused batch of 8 (PROFILE.md)."""
     idx, weights = _cached_taps(x.shape[axis], n_out)
     shape = [1] * x.ndim
     shape[axis] = n_out

@@ -56,13 +56,6 @@ def _partition(x: np.ndarray | jax.Array, window: int):
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // window) * (w // window), window * window, c)
 
 
-def _merge(x: jax.Array, window: int, h: int, w: int) -> jax.Array:
-    """Inverse of `_partition`."""
-    b, c = x.shape[0], x.shape[-1]
-    x = x.reshape(b, h // window, w // window, window, window, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-
-
 @functools.lru_cache(maxsize=None)
 def shift_attention_mask(height: int, width: int, window: int, shift: int) -> np.ndarray | None:
     """(nW, N, N) float32 of 0 / -100 for a cyclic shift of `shift`; None when there is no shift.
@@ -190,20 +183,13 @@ class WindowAttention(nnx.Module):
         bias = self.relative_bias()[None]
         return bias if mask is None else bias + jnp.asarray(mask)[:, None]
 
-    def __call__(self, windows: jax.Array, mask: np.ndarray | None) -> jax.Array:
-        """windows (B, nW, N, C); mask (nW, N, N) or None → (B, nW, N, C)."""
-        b, nw, n, c = windows.shape
-        h = self.num_heads
-        qkv = self.qkv(windows).reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)
-        out = window_attention(qkv, self.combined_bias(mask), self.scale)
-        return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
-
     def on_grid(self, x: jax.Array, shift: int, mask: np.ndarray | None) -> jax.Array:
         """Shifted-window attention of a whole (B, H, W, C) token grid → (B, H, W, C).
 
-        Same result as roll → `_partition` → `__call__` → `_merge` → roll back, but the qkv and
-        output projections act per token, so they run on the grid; the windows and the heads are
-        then cut out of the qkv tensor with one transpose, and put back with one."""
+        Same result as roll → partition into windows → attention per window → merge → roll back (LAION's
+        order; tests/test_fast_paths.py keeps that path as the oracle), but the qkv and output projections act
+        per token, so they run on the grid; the windows and the heads are then cut out of the qkv tensor with
+        one transpose, and put back with one."""
         b, hh, ww, c = x.shape
         w, h = self.window, self.num_heads
         qkv = self.qkv(x)
