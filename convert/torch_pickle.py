@@ -14,6 +14,8 @@ import collections
 import io
 import os
 import pickle
+import struct
+import types
 import zipfile
 
 import ml_dtypes
@@ -26,26 +28,83 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The pickle names a global outside the allow-list (it could run arbitrary code)."""
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """The pickle names a global outside the allow-list (it could run arbitrary code). A ValueError
+    too, so callers that report bad input report this one."""
 
 
-class _StorageType:
+class _NoBuild:
+    """Pickle's BUILD opcode calls `__setstate__` on the object below it when it has one; without it
+    BUILD would set attributes on our own functions (their `__defaults__`, say) for the rest of the
+    process."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError(f"refusing to load: the checkpoint's pickle sets state (BUILD) on {self!r}, "
+                                    "which no torch.save file does")
+
+
+class _StorageType(_NoBuild):
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+
+    def __repr__(self):
+        return f"torch.{self.name}"
+
+
+class _Storage(_NoBuild):
+    """A storage read from `data/<key>`: the only thing a tensor may view (an array the pickle built
+    itself could have any shape, and a view of it could reach past its memory)."""
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __repr__(self):
+        return f"storage of {self.array.size} {self.array.dtype}"
+
+
+class _Global(_NoBuild):
+    """An allowed global that is one of this module's functions, callable but closed to BUILD."""
+    __slots__ = ("_fn", "_name")
+
+    def __init__(self, name: str, fn):
+        self._name, self._fn = name, fn
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self):
+        return self._name
+
+
+def _is_index_tuple(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                            for n in value)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     del requires_grad, hooks, metadata
+    if not isinstance(storage, _Storage):
+        raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a persistent storage record")
+    storage = storage.array
+    # negative strides or offsets would read outside the storage (torch refuses them too)
+    if not (_is_index_tuple(size) and _is_index_tuple(stride) and len(size) == len(stride)
+            and _is_index_tuple((offset,))):
+        raise ValueError(f"tensor with offset {offset!r}, size {size!r}, stride {stride!r}: "
+                         "expected non-negative integers and as many strides as dimensions")
     itemsize = storage.dtype.itemsize
-    if not size:
-        return np.array(storage[offset], dtype=storage.dtype)
-    extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if any(n == 0 for n in size):
         return np.zeros(size, storage.dtype)
+    extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if extent > storage.size:
-        raise ValueError(f"tensor of size {tuple(size)} reads past its storage ({storage.size} elements)")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+        raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reads past its storage "
+                         f"({storage.size} elements)")
+    if not size:
+        return np.array(storage[offset], dtype=storage.dtype)
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                            strides=tuple(s * itemsize for s in stride), writeable=False)
     return np.ascontiguousarray(view)
 
@@ -64,15 +123,23 @@ def _numpy_scalar(dtype, data=None):
 
 def _reconstruct(cls, shape, dtype):  # numpy.core.multiarray._reconstruct (arrays pickled by numpy)
     if cls is not np.ndarray:
-        raise UnsafeCheckpointError("numpy _reconstruct of a non-ndarray class")
+        raise UnsafeCheckpointError(f"refusing to load: numpy _reconstruct of {cls!r}, not numpy.ndarray")
     return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _latin1_encode(text, encoding):
+    # torch/numpy only ever write 'latin1'; another codec name is a lookup that can import modules
+    if encoding != "latin1":
+        raise UnsafeCheckpointError(f"refusing to load: _codecs.encode with codec {encoding!r} (only 'latin1' "
+                                    "carries NumPy scalar bytes)")
+    return codecs.encode(text, encoding)
 
 
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): _latin1_encode,
     ("numpy", "dtype"): np.dtype,
     ("numpy", "ndarray"): np.ndarray,
     ("builtins", "set"): set,
@@ -83,6 +150,8 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_mod, "_reconstruct")] = _reconstruct
 for _name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType", "Float16DType"):
     _ALLOWED[("numpy.dtypes", _name)] = type(np.dtype(_name[:-5].lower().replace("bool", "bool")))
+_ALLOWED = {key: _Global(".".join(key), fn) if isinstance(fn, types.FunctionType) else fn
+            for key, fn in _ALLOWED.items()}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -101,14 +170,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "tensor, storage or NumPy scalar (loading it could run arbitrary code)") from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"unsupported persistent id {pid!r}")
-        _, storage_type, key, _location, _numel = pid[:5]
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"unsupported persistent id {pid!r} (torch.save writes "
+                                        "('storage', type, key, location, numel))")
+        _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise UnsafeCheckpointError(f"unsupported storage type {storage_type!r}")
         if key not in self._cache:
             raw = self._archive.read(f"{self._prefix}data/{key}")
-            self._cache[key] = np.frombuffer(raw, dtype=storage_type.dtype)
+            if len(raw) != numel * storage_type.dtype.itemsize:
+                raise ValueError(f"storage {key} holds {len(raw)} bytes, but the pickle declares {numel!r} "
+                                 f"elements of {storage_type!r}")
+            self._cache[key] = _Storage(np.frombuffer(raw, dtype=storage_type.dtype))
         return self._cache[key]
 
 
@@ -121,20 +194,31 @@ def load_torch_file(path: str | os.PathLike):
         raise ValueError(f"{path}: the file is empty")
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path}: not a PyTorch checkpoint (not a torch.save zip archive; "
-                         "truncated, or a different format)") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error) as err:  # ValueError: an undecodable name
+        raise ValueError(f"{path}: not a PyTorch checkpoint (not a torch.save zip archive; truncated, or a "
+                         f"different format: {err})") from None
     with archive:
         pkl = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pkl) != 1:
             raise ValueError(f"{path}: zip archive without exactly one data.pkl: not a torch.save file")
         prefix = pkl[0][: -len("data.pkl")]
-        if archive.namelist() and prefix + "byteorder" in archive.namelist():
-            if archive.read(prefix + "byteorder").decode().strip() != "little":
-                raise ValueError(f"{path}: big-endian checkpoints are not supported")
+        name = prefix + "byteorder"  # torch.load reads a file without the record as little-endian
+        order = _record(archive, name, path) if name in archive.namelist() else b"little"
+        if order == b"big":
+            raise ValueError(f"{path}: big-endian checkpoints are not supported (byteorder record 'big')")
+        if order != b"little":
+            raise ValueError(f"{path}: unknown byteorder record {order[:20]!r} (torch writes little or big)")
+        pickled = _record(archive, pkl[0], path)
         try:
-            return _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
-        except UnsafeCheckpointError:
-            raise
-        except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, ValueError) as err:
-            raise ValueError(f"{path}: corrupt PyTorch checkpoint ({type(err).__name__}: {err})") from None
+            return _RestrictedUnpickler(io.BytesIO(pickled), archive, prefix).load()
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{path}: {err}") from None
+        except Exception as err:  # whatever a damaged storage record or pickle raises: a clear error
+            raise ValueError(f"{path}: corrupt PyTorch checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    try:
+        return archive.read(name)
+    except Exception as err:  # a bad CRC, header, size or compression flag
+        raise ValueError(f"{path}: corrupt PyTorch checkpoint ({type(err).__name__}: {err})") from err
