@@ -1,5 +1,5 @@
 """Hugging Face `ClapModel` checkpoints: read a model directory (config.json + safetensors or
-pytorch_model.bin) and the key table between HF's layout and ours.
+pytorch_model.bin, either possibly sharded) and the key table between HF's layout and ours.
 
 HF's layout (transformers models/clap): `text_model.*` (a RoBERTa), `audio_model.audio_encoder.*`
 (HTSAT with split q/k/v and renamed layers, no front-end tensors, no SED head),
@@ -17,6 +17,7 @@ from clapjax import text as T
 from clapjax.audio.htsat import HTSATConfig
 from clapjax.convert import keymap as K
 from clapjax.convert.audio_keys import htsat_hf_table
+from clapjax.convert.laion import require_tensors
 from clapjax.convert.text_keys import tower_table
 from clapjax.convert.torch_pickle import load_torch_file
 from clapjax.model import CLAPConfig, CLAPModel
@@ -28,25 +29,61 @@ def is_hf_layout(sd) -> bool:
     return any(k.startswith(("text_model.", "audio_model.")) for k in sd)
 
 
-def _read_weights(directory: str) -> dict[str, np.ndarray]:
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # in transformers' order of preference
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A `.safetensors` file's tensors; a damaged file is an error naming it, not safetensors' traceback."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
-    single, index = os.path.join(directory, "model.safetensors"), os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return dict(load_file(single))
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        sd: dict[str, np.ndarray] = {}
-        for name in files:
-            sd.update(load_file(os.path.join(directory, name)))
-        return sd
-    binary = os.path.join(directory, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        obj = load_torch_file(binary)
-        if not isinstance(obj, dict):
-            raise ValueError(f"{binary}: expected a state dict, got {type(obj).__name__}")
-        return dict(obj)
-    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, TypeError) as err:  # TypeError: a dtype NumPy lacks (bfloat16)
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_file(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    obj = load_torch_file(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    require_tensors(obj, path)
+    return dict(obj)
+
+
+def _read_sharded(index: str) -> dict[str, np.ndarray]:
+    """transformers' sharded layout: the index's weight_map names the shard file of every tensor."""
+    with open(index) as f:
+        try:
+            weight_map = json.load(f).get("weight_map")
+        except (ValueError, AttributeError):  # not JSON (or not text), or JSON but not an object
+            weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: not a sharded-checkpoint index (no 'weight_map' of tensor name → shard file)")
+    sd: dict[str, np.ndarray] = {}
+    for name in sorted(set(weight_map.values())):
+        shard = os.path.join(os.path.dirname(index), name)
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"{index} places tensors in {name}, which is missing")
+        part = _read_file(shard)
+        misplaced = sorted(k for k in part if weight_map.get(k) != name)
+        if misplaced:  # a tensor the index does not know, or one that is in two shards
+            raise ValueError(f"{shard} holds {misplaced[:5]}, which {index} does not place there")
+        sd.update(part)
+    unheld = sorted(set(weight_map) - set(sd))
+    if unheld:
+        raise ValueError(f"{index} lists tensors that no shard holds: {unheld[:5]}")
+    return sd
+
+
+def _read_weights(directory: str) -> dict[str, np.ndarray]:
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return _read_sharded(path) if name.endswith(".index.json") else _read_file(path)
+    raise FileNotFoundError(f"{directory}: no weights (none of {', '.join(WEIGHT_FILES)})")
 
 
 def read_hf_dir(directory: str):
@@ -55,7 +92,10 @@ def read_hf_dir(directory: str):
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
-    hf = ClapConfig.from_json_file(path)
+    try:
+        hf = ClapConfig.from_json_file(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
     if hf.model_type != "clap":
         raise ValueError(f"{path}: model_type {hf.model_type!r}, expected 'clap' (a ClapModel)")
     sd = _read_weights(directory)
@@ -75,28 +115,33 @@ def hf_clap_config(hf) -> CLAPConfig:
                       transform_heads=False)
 
 
-def hf_config_from_weights(sd):
+def hf_config_from_weights(sd, where: str):
     """A ClapConfig for an HF-layout state dict with no config.json: sizes from the tensors,
     everything else transformers' defaults (e.g. text LayerNorm eps 1e-12)."""
     from transformers import ClapConfig
 
     def count(prefix):
         return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
-    vocab, width = sd["text_model.embeddings.word_embeddings.weight"].shape
-    embed = sd["audio_model.audio_encoder.patch_embed.proj.weight"].shape[0]
+
+    def shape(key):
+        if key not in sd:
+            raise ValueError(f"{where}: an HF-layout state dict without {key} (the model's sizes are read from it)")
+        return sd[key].shape
+    vocab, width = shape("text_model.embeddings.word_embeddings.weight")
+    embed = shape("audio_model.audio_encoder.patch_embed.proj.weight")[0]
     stages = count("audio_model.audio_encoder.layers.")
     depths = [count(f"audio_model.audio_encoder.layers.{i}.blocks.") for i in range(stages)]
-    heads = [sd[f"audio_model.audio_encoder.layers.{i}.blocks.0.attention.self.relative_position_bias_table"].shape[1]
+    heads = [shape(f"audio_model.audio_encoder.layers.{i}.blocks.0.attention.self.relative_position_bias_table")[1]
              for i in range(stages)]
     text = dict(vocab_size=vocab, hidden_size=width, num_attention_heads=width // 64,
                 num_hidden_layers=count("text_model.encoder.layer."),
-                intermediate_size=sd["text_model.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                max_position_embeddings=sd["text_model.embeddings.position_embeddings.weight"].shape[0])
+                intermediate_size=shape("text_model.encoder.layer.0.intermediate.dense.weight")[0],
+                max_position_embeddings=shape("text_model.embeddings.position_embeddings.weight")[0])
     audio = dict(patch_embeds_hidden_size=embed, depths=depths, num_attention_heads=heads,
                  hidden_size=embed * 2 ** (stages - 1),
                  enable_fusion="audio_model.audio_encoder.patch_embed.mel_conv2d.weight" in sd)
     return ClapConfig(text_config=text, audio_config=audio,
-                      projection_dim=sd["text_projection.linear2.weight"].shape[0])
+                      projection_dim=shape("text_projection.linear2.weight")[0])
 
 
 def _projection_table(model, name: str) -> K.KeyTable:

@@ -42,13 +42,18 @@ def unwrap_state_dict(obj, where: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{where}: expected a state dict or a dict holding 'state_dict', got {type(obj).__name__}")
     if not obj:
         raise ValueError(f"{where}: the state dict is empty")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
-    if bad:
-        raise ValueError(f"{where}: not a state dict of tensors (entries {bad[:5]} are not tensors)")
+    require_tensors(obj, where)
     prefixed = [k.startswith("module.") for k in obj]
     if any(prefixed) and not all(prefixed):
         raise ValueError(f"{where}: some keys have DDP's 'module.' prefix and some do not")
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def require_tensors(sd: Mapping, where: str) -> None:
+    """Every entry a named tensor: a pickled number or nested dict among them is refused by name."""
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+    if bad:
+        raise ValueError(f"{where}: not a state dict of tensors (entries {bad[:5]} are not tensors)")
 
 
 # --- detection ------------------------------------------------------------------------------------

@@ -32,13 +32,9 @@ def read_source(src: str) -> Source:
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or directory")
     if src.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            sd = dict(load_file(src))
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{src}: not a readable safetensors file ({err})") from None
+        sd = hf.load_safetensors(src)
         if hf.is_hf_layout(sd):
-            return Source("hf", sd, hf.hf_config_from_weights(sd))
+            return Source("hf", sd, hf.hf_config_from_weights(sd, src))
         return Source("laion", laion.unwrap_state_dict(sd, src))
     return Source("laion", laion.read_state_dict(src))
 
@@ -113,16 +109,20 @@ def export(ckpt_dir: str, to: str, dest: str) -> dict[str, np.ndarray]:
     """Write a converted model back as a laion-clap `.pt` (`to='laion'`) or an HF directory (`'hf'`)."""
     if to not in ("laion", "hf"):
         raise ValueError(f"--to must be 'laion' or 'hf', got {to!r}")
-    model = checkpoint.restore(ckpt_dir)
+    # everything that can refuse is checked before the model is restored
     _, source = checkpoint.read_config(ckpt_dir)
-    table = laion.laion_table(model) if to == "laion" else hf.hf_table(model)
-    sd = K.export_state_dict(model, table)
-    if to == source:
-        sd.update(checkpoint.read_extras(ckpt_dir))  # the source's buffers, verbatim
-    else:
-        raise ValueError(f"{ckpt_dir} was converted from the {source} layout; exporting it as {to} is not "
+    if to != source:
+        raise ValueError(f"{ckpt_dir} was converted from the {source!r} layout; exporting it as {to} is not "
                          "supported (the layouts hold different heads: LAION's mlp-loss transforms and SED "
                          "head have no place in HF's ClapModel and vice versa)")
+    if to == "laion" and os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists; choose a new file name")
+    if to == "hf" and os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise FileExistsError(f"{dest} exists and is not an empty directory; choose a new directory")
+    model = checkpoint.restore(ckpt_dir)
+    table = laion.laion_table(model) if to == "laion" else hf.hf_table(model)
+    sd = K.export_state_dict(model, table)
+    sd.update(checkpoint.read_extras(ckpt_dir))  # the source's buffers, verbatim
     if to == "laion":
         _write_laion(sd, dest)
     else:
@@ -135,16 +135,12 @@ def _write_laion(sd: dict[str, np.ndarray], dest: str) -> None:
         import torch
     except ImportError:
         raise RuntimeError("exporting to a laion-clap .pt needs PyTorch (pip install 'clapjax[reference]')") from None
-    if os.path.exists(dest):
-        raise FileExistsError(f"{dest} exists; choose a new file name")
     state = {f"module.{k}": torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
     torch.save({"epoch": 0, "name": "clapjax-export", "state_dict": state}, dest)
 
 
 def _write_hf(sd: dict[str, np.ndarray], dest: str, config_path: str) -> None:
     from safetensors.numpy import save_file
-    if os.path.exists(dest) and os.listdir(dest):
-        raise FileExistsError(f"{dest} exists and is not empty; choose a new directory")
     os.makedirs(dest, exist_ok=True)
     with open(config_path) as f:
         config = json.load(f)
