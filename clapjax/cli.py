@@ -108,6 +108,11 @@ def _labels(args) -> list[str]:
         raise ValueError("give class labels with --labels 'dog,rain,...' or --labels-file FILE (one per line)")
     if "{}" not in args.template:
         raise ValueError(f"--template must contain '{{}}' where the label goes, got {args.template!r}")
+    try:
+        args.template.format("label")
+    except (IndexError, KeyError, ValueError) as err:  # a second '{}', a '{name}', an unmatched brace
+        raise ValueError(f"--template must hold one '{{}}' for the label and no other braces (write '{{{{' for "
+                         f"a literal one), got {args.template!r} ({type(err).__name__}: {err})") from None
     return labels
 
 
@@ -128,6 +133,8 @@ def cmd_zero_shot(args) -> int:
 
 def cmd_retrieve(args) -> int:
     from clapjax.api import cosine_top_k
+    if not os.path.isfile(args.embeddings):
+        raise FileNotFoundError(f"{args.embeddings}: no such file (write it with `clapjax embed-audio`)")
     index = os.path.splitext(args.embeddings)[0] + ".paths.json"
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{index}: the path index written by `clapjax embed-audio` is missing")
