@@ -117,7 +117,7 @@ def _hf_reference(src, clap, audio_in, text):
     with torch.no_grad():
         if "waveform" in audio_in:
             from clapjax.audio.frontend import log_mel
-            feats = np.asarray(log_mel(audio_in["waveform"], fe, "slaney"))[:, None]
+            feats = np.array(log_mel(audio_in["waveform"], fe, "slaney"))[:, None]  # a writable copy for torch
             out = model.get_audio_features(input_features=torch.from_numpy(feats))
         else:
             out = model.get_audio_features(input_features=torch.from_numpy(audio_in["mel_fusion"]),
