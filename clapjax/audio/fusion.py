@@ -22,6 +22,14 @@ from flax import nnx
 from clapjax import layers as L
 
 
+def force_one_longer(longer: jax.Array, key: jax.Array) -> jax.Array:
+    """LAION's training rule for fused batches: when no row is longer than a clip, one random row is flagged
+    as longer, so that the fusion weights always receive a gradient. (B,) bool → (B,) bool."""
+    b = longer.shape[0]
+    pick = jax.random.randint(key, (), 0, b)
+    return jnp.where(jnp.any(longer), longer, jnp.arange(b) == pick)
+
+
 class ReLU(nnx.Module):
     """Parameter-free placeholder so List indices match torch's Sequential."""
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from clapjax import layers as L
 from clapjax.audio import frontend as fe
-from clapjax.audio.fusion import AFF
+from clapjax.audio.fusion import AFF, force_one_longer
 from clapjax.audio.swin import BasicLayer
 
 SUPPORTED_FUSION = ("aff_2d",)
@@ -286,9 +286,7 @@ class HTSAT(nnx.Module):
             x = fe.spec_augment(x, rngs.augment(), time_width=cfg.time_drop_width, time_stripes=cfg.time_stripes_num,
                                 freq_width=cfg.freq_drop_width, freq_stripes=cfg.freq_stripes_num)
         if longer is not None and not deterministic:
-            # LAION flags one random row as longer when none is, so the fusion weights always train
-            forced = jax.nn.one_hot(jax.random.randint(rngs.augment(), (), 0, x.shape[0]), x.shape[0]) > 0
-            longer = jnp.where(jnp.any(longer), longer, forced)
+            longer = force_one_longer(longer, rngs.augment())
         img = fe.reshape_wav2img(x, cfg.spec_size, cfg.freq_ratio)   # (B, C, S, S)
         img = jnp.transpose(img, (0, 2, 3, 1)).astype(cfg.precision.dtype)
         x = self.patch_embed(img, longer, deterministic=deterministic)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from clapjax import layers
 from clapjax.audio.frontend import FrontEndConfig, log_mel, spec_augment
-from clapjax.audio.fusion import AFF, ReLU
+from clapjax.audio.fusion import AFF, ReLU, force_one_longer
 
 # LAION's Cnn6/10/14: conv block type, output channels per block, time upsampling of the
 # fine-grained embedding (undoes the blocks' 2x time pooling: 2^4 = 16, 2^5 = 32).
@@ -241,11 +241,8 @@ class PANN(nnx.Module):
         longer = jnp.asarray(longer).reshape(-1).astype(bool)
         if longer.shape[0] != b:
             raise ValueError(f"longer has {longer.shape[0]} flags for a batch of {b}")
-        if not deterministic:
-            # LAION flags one random row when none is longer so the fusion weights always train
-            # (it does this in eval too, a bug we leave out; see the module docstring).
-            pick = jax.random.randint(rngs.augment(), (), 0, b)
-            longer = jnp.where(longer.any(), longer, jnp.arange(b) == pick)
+        if not deterministic:  # LAION's Cnn14 does this in eval too, a bug we leave out (module docstring)
+            longer = force_one_longer(longer, rngs.augment())
 
         g = self.conv_block1(x[:, 0, :, :, None], (2, 2), deterministic=deterministic)  # (B, T/2, F/2, 64)
         conv, bn, relu = self.mel_conv2d
