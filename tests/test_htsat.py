@@ -22,10 +22,10 @@ from clapjax.audio import swin
 from clapjax.audio.htsat import HTSAT, HTSATConfig
 from clapjax.convert import keymap
 from clapjax.convert.audio_keys import hf_absent_targets, htsat_hf_table, htsat_laion_table
+from helpers import TOL
 from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
 
 torch = pytest.importorskip("torch")
-TOL = 1e-5
 B = 3
 LONGER = np.array([True, False, True])  # a mixed batch
 

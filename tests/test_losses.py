@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from clapjax.train import losses, sharding
+from helpers import TOL
 
 B, D = 32, 16
-TOL = 1e-5
 MESHES = [(8, 1), (2, 4), (1, 8)]
 # LAION's init scale 1/0.07 and a different one for the mlp pair; SigLIP's init t'=ln 10, b=-10
 # plus a bias near 0 so the negatives' gradients are not all vanishingly small.

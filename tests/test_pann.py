@@ -24,10 +24,10 @@ from clapjax.audio import frontend
 from clapjax.audio.pann import PANN, PANNConfig
 from clapjax.convert import keymap
 from clapjax.convert.pann_keys import pann_laion_table
+from helpers import TOL
 from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
 
 torch = pytest.importorskip("torch")
-TOL = 1e-5
 SR = 48000
 KEYS = ("embedding", "clipwise_output", "fine_grained_embedding")
 

@@ -7,12 +7,12 @@ import torch
 from flax import nnx
 
 import reference as ref
+from helpers import TOL
 from clapjax import text as T
 from clapjax.convert import keymap as K
 from clapjax.convert import text_keys
 from clapjax.heads import l2_normalize, projection
 
-TOL = 1e-5
 
 
 def padded_batch(rng, n, length=77, vocab=50265, pad=1, bos=0, eos=2, lengths=None):
