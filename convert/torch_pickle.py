@@ -5,7 +5,9 @@ persistent id) plus one raw file per storage under `<name>/data/`. We unpickle `
 restricted unpickler that resolves only the globals such files legitimately hold — tensor
 rebuilders, typed storages, `OrderedDict`, and the NumPy scalar/dtype constructors that LAION-CLAP's
 released checkpoints contain — and refuses every other global by name (so a pickle that would call
-`os.system` fails before anything runs). Tensors come back as NumPy arrays.
+`os.system` fails before anything runs). Tensors come back as NumPy arrays; they may only view a
+storage read from the archive, with non-negative geometry that stays inside it. Whatever a damaged
+file raises comes back as a ValueError naming the file, never as a wrong tensor.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from clapjax.tokenizer import CONTEXT_LENGTH, Tokenizer, train_byte_level_bpe, w
 
 LONG = " ".join(["a very long caption about a dog that barks"] * 12)  # ~100 words: past 77 tokens
 TRICKY = [
-    "A dog barks!", "", "   ", "Hello,   World!!  ", "tab\tand\nnewline\r\nruns", "\u00a0nbsp\u3000ideographic space",
+    "A dog barks!", "", "   ", "Hello,   World!!  ", "tab\tand\nnewline\r\nruns",
+    "\u00a0nbsp\u3000ideographic space",
     "café naïve résumé", "CAFÉ Ñandú ÜBER", "e\u0301 decomposed accent", "ΟΔΟΣ Greek capitals",
     "dog 🐶 barking 🎉🎉", "狗在叫 ワンワン 개가 짖다", "rock &amp; roll &lt;3 &#233; &amp;amp;",
     "it’s “quoted” — a dash…", "ﬁsh ＦＵＬＬ width", "cafÃ© mojibake", "I'M LOUD and it's 5:30pm, isn't it?",
