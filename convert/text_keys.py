@@ -7,7 +7,8 @@ What is ignored, and why (nothing else is):
 - `embeddings.token_type_ids`: a zeros buffer HF uses when no token types are passed.
 - BART `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight`: tied copies of `shared.weight`
   (checked equal); `decoder.*`: CLAP's BART pooling reads only the encoder's output, so the decoder
-  cannot change an embedding (export to LAION therefore cannot rebuild a BART decoder).
+  cannot change an embedding. The model holds neither; export to LAION writes both back verbatim from
+  the checkpoint's `source_extras.npz` (the decoder is kept, not rebuilt).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 laion_clap imports torchvision at import time, and PyPI's torchvision is a CUDA build that fails
 beside the CPU torch wheel; the reference code paths we compare against never call it, so a stub
-module stands in. laion_clap also calls `RobertaModel.from_pretrained('roberta-base')` while
-constructing CLAP; offline we return a randomly initialised RobertaModel of roberta-base's shape.
+module stands in. laion_clap also calls `RobertaModel.from_pretrained('roberta-base')` (or BERT's /
+BART's) while constructing CLAP; offline we return a randomly initialised model of that shape.
 """
 from __future__ import annotations
 
@@ -75,6 +75,20 @@ def offline_roberta(**overrides):
         yield
 
 
+@contextlib.contextmanager
+def offline_text_towers(**roberta_overrides):
+    """`from_pretrained` of each transformers tower laion_clap builds (roberta-base, bert-base-uncased,
+    facebook/bart-base) returns a random model of that checkpoint's shape."""
+    from unittest import mock
+    from transformers import BartConfig, BartModel, BertConfig, BertModel
+    with offline_roberta(**roberta_overrides), \
+            mock.patch.object(BertModel, "from_pretrained",
+                              classmethod(lambda cls, *a, **k: BertModel(BertConfig(**BERT_BASE)))), \
+            mock.patch.object(BartModel, "from_pretrained",
+                              classmethod(lambda cls, *a, **k: BartModel(BartConfig(**BART_BASE)))):
+        yield
+
+
 def laion_model_cfg(amodel: str = "HTSAT-tiny", tmodel: str = "roberta") -> dict:
     """laion_clap's model config dict for `amodel`, with `tmodel` set as create_model does."""
     import json
@@ -88,13 +102,14 @@ def laion_model_cfg(amodel: str = "HTSAT-tiny", tmodel: str = "roberta") -> dict
 
 def laion_clap_model(amodel: str = "HTSAT-tiny", tmodel: str = "roberta", fusion: bool = False,
                      seed: int = 0, text_layers: int = 12):
-    """A random-init laion_clap `CLAP` in eval mode (no SpecAugment, no dropout)."""
+    """A random-init laion_clap `CLAP` in eval mode (no SpecAugment, no dropout); `text_layers` sizes
+    a RoBERTa text tower only."""
     import torch
     laion_clap()
     from laion_clap.clap_module.model import CLAP
     cfg = laion_model_cfg(amodel, tmodel)
     torch.manual_seed(seed)
-    with offline_roberta(num_hidden_layers=text_layers):
+    with offline_text_towers(num_hidden_layers=text_layers):
         model = CLAP(**cfg, enable_fusion=fusion, fusion_type="aff_2d" if fusion else "None")
     return model.eval()
 

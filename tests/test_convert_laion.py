@@ -16,7 +16,7 @@ from clapjax.convert import keymap as K
 from clapjax.convert import pipeline
 from clapjax.tokenizer import Tokenizer, train_byte_level_bpe
 
-MAX_ABS, MIN_COS = 1e-4, 0.99999
+MAX_ABS, MIN_COS = ref.END_TO_END_MAX_ABS, ref.END_TO_END_MIN_COS
 CAPTIONS = ["a dog barks", "rain falls on a tin roof while thunder rolls far away", "a bell rings twice",
             "birds sing"] * 30
 
@@ -28,24 +28,6 @@ def run_cli(*args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"clapjax {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def save_laion_file(model, path, *, drop=(), extra=None):
-    """As LAION's training saved checkpoints: DDP `module.` prefix, numpy scalars beside the weights,
-    and the `position_ids` buffer that transformers < 4.31 kept."""
-    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
-    sd["module.text_branch.embeddings.position_ids"] = torch.arange(514)[None]
-    for k in drop:
-        del sd[f"module.{k}"]
-    sd.update(extra or {})
-    torch.save({"epoch": np.int64(12), "name": "random-init", "state_dict": sd, "lr": np.float64(1e-4)}, path)
-    return path
-
-
-def compare(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-    return float(np.abs(ours - theirs).max()), float(cos.min())
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +57,7 @@ def audio_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = ref.laion_clap_model("HTSAT-tiny", "roberta", seed=1)
-    path = save_laion_file(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    path = ref.save_laion_file(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
     return model, path
 
 
@@ -104,11 +86,11 @@ def test_tiny_end_to_end_through_the_cli(tiny, tok_dir, audio_files, tmp_path):
     np.random.seed(5)  # LAION crops long clips with the global RNG; replay its draws
     theirs = hook.get_audio_embedding_from_filelist(audio_files)
     ours = clap.get_audio_embedding_from_filelist(audio_files, rng=np.random.RandomState(5))
-    max_abs, cos = compare(ours, theirs)
+    max_abs, cos = ref.compare(ours, theirs)
     print(f"HTSAT-tiny audio from files: max-abs {max_abs:.3g}, min cos {cos:.8f}")
     assert max_abs <= MAX_ABS and cos >= MIN_COS
     texts = ["a dog barks", "rain falls on a tin roof while thunder rolls far away", "birds"]
-    max_abs, cos = compare(clap.get_text_embedding(texts), hook.get_text_embedding(texts))
+    max_abs, cos = ref.compare(clap.get_text_embedding(texts), hook.get_text_embedding(texts))
     print(f"HTSAT-tiny text: max-abs {max_abs:.3g}, min cos {cos:.8f}")
     assert max_abs <= MAX_ABS and cos >= MIN_COS
     one = clap.get_text_embedding(["a dog barks"])  # a batch of one stays a batch
@@ -127,7 +109,7 @@ def test_tiny_end_to_end_through_the_cli(tiny, tok_dir, audio_files, tmp_path):
 @pytest.mark.parametrize("amodel,fusion", [("HTSAT-base", False), ("HTSAT-tiny", True)])
 def test_base_and_fused_end_to_end(amodel, fusion, tok_dir, audio_files, tmp_path):
     model = ref.laion_clap_model(amodel, "roberta", fusion=fusion, seed=2)
-    path = save_laion_file(model, tmp_path / "m.pt")
+    path = ref.save_laion_file(model, tmp_path / "m.pt")
     report = pipeline.convert(str(path), str(tmp_path / "out"), log=lambda s: None)
     assert report.ok
     clap = CLAP.from_pretrained(str(tmp_path / "out"), tokenizer=tok_dir, compilation_cache=None)
@@ -150,13 +132,14 @@ def test_base_and_fused_end_to_end(amodel, fusion, tok_dir, audio_files, tmp_pat
             theirs = model.get_audio_embedding([
                 {"waveform": torch.zeros(480000), "longer": torch.tensor([bool(lg)]),
                  "mel_fusion": torch.from_numpy(m)} for lg, m in zip(batch["longer"], batch["mel_fusion"])]).numpy()
-    max_abs, cos = compare(ours, theirs)
+    max_abs, cos = ref.compare(ours, theirs)
     print(f"{amodel} fusion={fusion} audio: max-abs {max_abs:.3g}, min cos {cos:.8f}")
     assert max_abs <= MAX_ABS and cos >= MIN_COS
     tok = Tokenizer(tok_dir)(["a bell rings twice", "birds sing"])
     with torch.no_grad():
         theirs_t = model.get_text_embedding({k: torch.from_numpy(v.astype(np.int64)) for k, v in tok.items()}).numpy()
-    max_abs, cos = compare(clap.get_text_embedding(tok), theirs_t)
+    max_abs, cos = ref.compare(clap.get_text_embedding(tok), theirs_t)
+    print(f"{amodel} fusion={fusion} text: max-abs {max_abs:.3g}, min cos {cos:.8f}")
     assert max_abs <= MAX_ABS and cos >= MIN_COS
 
 
@@ -200,7 +183,7 @@ def test_every_key_dropped_renamed_or_reshaped_fails_naming_it(tiny_sd, key, how
 
 def test_cli_failure_names_the_key_and_writes_nothing(tiny, tmp_path):
     model, _ = tiny
-    bad = save_laion_file(model, tmp_path / "bad.pt", drop=["audio_branch.layers.2.blocks.3.mlp.fc1.bias"])
+    bad = ref.save_laion_file(model, tmp_path / "bad.pt", drop=["audio_branch.layers.2.blocks.3.mlp.fc1.bias"])
     proc = run_cli("convert", bad, tmp_path / "out", check=False)
     assert proc.returncode != 0
     assert "audio_branch.layers.2.blocks.3.mlp.fc1.bias" in proc.stderr and "nothing was written" in proc.stderr
