@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from clapjax.api import CLAP
-from reference import randomize_batch_norms
+from reference import compare, randomize_batch_norms
 from clapjax.convert import pipeline
 from clapjax.tokenizer import train_byte_level_bpe
-from test_convert_laion import CAPTIONS, MAX_ABS, MIN_COS, audio_files, compare, run_cli  # noqa: F401
+from test_convert_laion import CAPTIONS, MAX_ABS, MIN_COS, audio_files, run_cli  # noqa: F401
 
 SMALL_TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                   layer_norm_eps=1e-5)
