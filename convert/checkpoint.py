@@ -81,7 +81,10 @@ def read_config(directory: str) -> tuple[CLAPConfig, str]:
                                 "`clapjax convert SRC OUT_DIR`")
     with open(path) as f:
         d = json.load(f)
-    source = d.pop("source_format", "")
+    if "source_format" not in d:  # save() always writes it; an HF ClapModel directory also has a config.json
+        raise ValueError(f"{directory}: {CONFIG} is not a clapjax checkpoint's config (a Hugging Face model "
+                         "directory? convert it with `clapjax convert SRC OUT_DIR`)")
+    source = d.pop("source_format")
     return CLAPConfig.from_dict(d), source
 
 

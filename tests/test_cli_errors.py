@@ -72,6 +72,13 @@ def test_missing_checkpoint(capsys, tok_dir, tmp_path):
     assert not (tmp_path / "t.npy").exists()
 
 
+def test_hf_model_directory_given_as_a_checkpoint(capsys, tok_dir, tmp_path):
+    hf_model(False).save_pretrained(tmp_path / "hf")
+    refused(capsys, "embed-text", tmp_path / "hf", "--tokenizer", tok_dir, "rain", "--out", tmp_path / "t.npy",
+            *NO_CACHE, why="config.json is not a clapjax checkpoint's config (a Hugging Face model directory?")
+    assert not (tmp_path / "t.npy").exists()
+
+
 @pytest.mark.parametrize("command", ["embed-text", "zero-shot", "retrieve"])
 def test_text_commands_need_a_tokenizer(capsys, ckpt, clip, tmp_path, command):
     np.save(tmp_path / "a.npy", np.eye(2, 64, dtype=np.float32))
