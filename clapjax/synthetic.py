@@ -37,7 +37,9 @@ SPLITS = {"train": 0, "heldout": 1}
 HELDOUT_FRACTION = 0.2
 _HELDOUT_SEED = 20240611        # fixes which combinations are held out; never the user's seed
 
-NOTES = ("C3", "C4", "G4", "C5", "G5", "C6", "G6", "C7")   # ≥ a fourth apart: distinct 64-bin mel rows
+# ≥ a fourth apart: each note's strongest mel band is a different one with 64 bands and still with
+# the demo's 32 (50 Hz–14 kHz: bands 0, 1, 2, 3, 6, 8, 12, 15), so pitch is readable at either
+NOTES = ("C3", "C4", "G4", "C5", "G5", "C6", "G6", "C7")
 _SEMITONE = {"C": -9, "G": -2}  # offset from A in the same octave
 CHIRP_DIRECTIONS = ("rising", "falling")
 CHIRP_RANGE_HZ = (300.0, 3000.0)
@@ -53,11 +55,15 @@ MIX_LEVEL = 0.35               # peak of the background sound relative to the fo
 # --- zero-shot class lists ----------------------------------------------------------------------
 KIND_CLASSES = ("a pure tone", "a rising chirp", "a falling chirp", "white noise", "pink noise",
                 "brown noise", "a click train")
+# one task per attribute family the captions name (kind with its chirp direction / noise colour,
+# pitch, click rate, modulation, loudness, duration); class lists follow the tuples above
 ZERO_SHOT_CLASSES = {
     "kind": KIND_CLASSES,
     "pitch": tuple(f"a pure tone at {n}" for n in NOTES),
-    "loudness": ("a quiet sound", "a moderately loud sound", "a loud sound"),
     "click_rate": tuple(f"a click train at {r} clicks per second" for r in CLICK_RATES),
+    "modulation": ("a sound without modulation", "a sound with tremolo", "a sound with vibrato"),
+    "loudness": ("a quiet sound", "a moderately loud sound", "a loud sound"),
+    "duration": ("a short sound", "a long sound"),
 }
 PROMPT_TEMPLATES = ("the sound of {}", "{}", "a recording of {}", "you can hear {}")
 
@@ -126,6 +132,12 @@ class ClipSpec:
     def combination(self) -> tuple[str, str, str, str]:
         return (self.kind, self.value, self.modulation, self.loudness)
 
+    @property
+    def description(self) -> tuple:
+        """What every caption of the clip names: clips with equal descriptions cannot be told
+        apart from their captions (onset, exact level, modulation rate and phase go unnamed)."""
+        return (self.kind, self.value, self.modulation, self.loudness, self.duration, self.mix_kind, self.mix_value)
+
     def attributes(self) -> dict:
         return {"kind": self.kind, "value": self.value, "modulation": self.modulation,
                 "loudness": self.loudness, "duration": self.duration, "mix_kind": self.mix_kind,
@@ -153,20 +165,23 @@ def _draw_spec(rng: np.random.Generator, pool: Sequence[tuple], clip_samples: in
 _LOUD_WORDS = {"quiet": ("quiet", "soft", "faint"), "moderate": ("moderately loud", "medium-level", "moderate"),
                "loud": ("loud", "strong", "powerful")}
 _DUR_WORDS = {"short": ("short", "brief"), "long": ("long", "sustained", "continuous")}
-_MOD_PHRASES = {"none": ("",), "tremolo": ("with tremolo", "pulsing in volume", "with a throbbing level"),
+# an unmodulated sound is sometimes said to be so, so that "without modulation" means something
+_MOD_PHRASES = {"none": ("", "", "without modulation", "unmodulated"), "tremolo": ("with tremolo", "pulsing in volume", "with a throbbing level"),
                 "vibrato": ("with vibrato", "wobbling in pitch", "with a warbling pitch")}
 _NUMBER_WORDS = {2: "two", 4: "four", 8: "eight", 16: "sixteen"}
 
 
 def _noun(rng, kind: str, value: str) -> str:
     """A noun phrase for one sound class, without article or adjectives."""
+    # "tone" names only the steady kind (a chirp is never a "tone gliding upward"): a caption's
+    # kind word must tell the kinds apart for "a pure tone" to mean something zero-shot
     if kind == "tone":
-        forms = ("pure tone at {v}", "{v} sine tone", "steady tone pitched at {v}", "tone at {v}", "{v} note")
+        forms = ("pure tone at {v}", "{v} sine tone", "tone pitched at {v}", "tone at {v}", "{v} pure tone")
     elif kind == "chirp":
         up = value == "rising"
-        forms = ((f"{value} chirp", "upward sweep", "rising sweep", "chirp going up", "tone gliding upward")
+        forms = ((f"{value} chirp", "upward sweep", "rising sweep", "chirp going up", "chirp gliding upward")
                  if up else (f"{value} chirp", "downward sweep", "falling sweep", "chirp going down",
-                             "tone gliding downward"))
+                             "chirp gliding downward"))
     elif kind == "noise":
         forms = ("{v} noise", "burst of {v} noise", "{v} noise hiss")
     else:
@@ -435,19 +450,31 @@ class SyntheticSet:
     def attributes(self) -> list[dict]:
         return [s.attributes() for s in self.specs]
 
+    def description_groups(self) -> np.ndarray:
+        """(n,) int: clips with the same id are described identically by their captions (ids
+        number the descriptions in sorted order)."""
+        names = sorted({s.description for s in self.specs}, key=repr)
+        ids = {d: i for i, d in enumerate(names)}
+        return np.array([ids[s.description] for s in self.specs], np.int32)
+
     def labels(self, task: str) -> np.ndarray:
         """(n,) int class index into ZERO_SHOT_CLASSES[task]; -1 where the task does not apply
-        (a mixture for 'kind', a non-tone for 'pitch', a non-click clip for 'click_rate')."""
+        (a mixture for 'kind' and 'modulation', a non-tone for 'pitch', a non-click clip for
+        'click_rate')."""
         if task not in ZERO_SHOT_CLASSES:
             raise ValueError(f"unknown zero-shot task {task!r}; expected one of {sorted(ZERO_SHOT_CLASSES)}")
         out = np.full(self.n, -1, np.int32)
         for i, s in enumerate(self.specs):
             if task == "loudness":
                 out[i] = LOUDNESS.index(s.loudness)
+            elif task == "duration":
+                out[i] = DURATIONS.index(s.duration)
             elif s.mix_kind is not None:
                 continue
             elif task == "kind":
                 out[i] = _kind_class(s)
+            elif task == "modulation":
+                out[i] = MODULATIONS.index(s.modulation)
             elif task == "pitch" and s.kind == "tone":
                 out[i] = NOTES.index(s.value)
             elif task == "click_rate" and s.kind == "clicks":
