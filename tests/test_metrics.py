@@ -192,7 +192,7 @@ def test_evaluator_on_synthetic_heldout(tmp_path):
     tok = S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
     ds = S.synthetic_dataset(0, 20, "heldout", clip_samples=48000)
     es = E.EvalSet.from_synthetic(ds)
-    assert set(es.zero_shot) == {"kind", "pitch", "loudness", "click_rate"}
+    assert set(es.zero_shot) <= set(S.ZERO_SHOT_CLASSES) and {"kind", "pitch", "loudness", "duration"} <= set(es.zero_shot)
     # batches sharded over a 4×2 mesh of the 8 host devices (batch 8 → one row per device)
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     res = E.Evaluator(es, tok, batch_size=6, mesh=mesh, keep_embeddings=True)(model)
@@ -210,8 +210,41 @@ def test_evaluator_on_synthetic_heldout(tmp_path):
         assert m[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     assert {"zero_shot/kind/top1", "zero_shot/pitch/mAP@10", "zero_shot/loudness/top5"} <= set(m)
     assert res.chance["retrieval/R@1"] == 1 / 20 and res.chance["zero_shot/kind/top1"] == 1 / 7
+    want = E.r1_ceiling(ds.description_groups(), [5] * 20)
+    assert m["text_to_audio_R@1_ceiling"] == want["text_to_audio_R@1_ceiling"]
+    assert 0 <= m["text_to_audio_attribute_match@1"] <= 1 and "audio_to_text_attribute_match@1" in m
     table = E.format_table(res, "held-out")
     assert "text_to_audio R@1" in table and "zero-shot kind/top1" in table
+
+
+def test_r1_ceiling_is_a_perfect_attribute_models_expected_r1():
+    """A perfect attribute-level model (one-hot group embeddings) ties every clip of a group; over
+    every order of the clips (ties fall to the lower index) its mean R@1 is the ceiling exactly."""
+    import itertools
+    from clapjax.train import evaluate as E
+    groups, k = np.array([0, 0, 1, 2, 2]), 2
+    ceiling = E.r1_ceiling(groups, [k] * len(groups))
+    assert ceiling["text_to_audio_R@1_ceiling"] == pytest.approx((1 / 2 + 1 / 2 + 1 + 1 / 2 + 1 / 2) / 5)
+    r1 = {"text_to_audio_R@1": [], "audio_to_text_R@1": []}
+    for order in itertools.permutations(range(len(groups))):
+        g = groups[list(order)]
+        audio = np.eye(3, dtype=np.float32)[g]
+        m = M.to_python(M.clotho_audiocaps_metrics(audio, np.repeat(audio, k, axis=0), 1.0, captions_per_clip=k))
+        for key in r1:
+            r1[key].append(m[key])
+        match = M.to_python(E.attribute_match_top1(audio, np.repeat(audio, k, axis=0), g, np.repeat(g, k)))
+        assert match == {"text_to_audio_attribute_match@1": 1.0, "audio_to_text_attribute_match@1": 1.0}
+    for key, values in r1.items():
+        assert np.mean(values) == pytest.approx(ceiling[f"{key}_ceiling"], abs=1e-6), key
+    # a model that confuses groups 1 and 2 (clip 2's embedding is group 2's) misses clip 2 both ways
+    audio = np.eye(3, dtype=np.float32)[[0, 0, 2, 2, 2]]
+    text = np.repeat(np.eye(3, dtype=np.float32)[groups], k, axis=0)
+    match = M.to_python(E.attribute_match_top1(audio, text, groups, np.repeat(groups, k)))
+    assert match["audio_to_text_attribute_match@1"] == pytest.approx(4 / 5)
+    # clip 2's captions match no clip (the first, clip 0, wins the tie); group 2's find clip 2 first
+    assert match["text_to_audio_attribute_match@1"] == pytest.approx(4 / 10)
+    with pytest.raises(ValueError, match="one entry per clip"):
+        E.r1_ceiling(groups, [k] * 4)
 
 
 def test_eval_command_on_a_manifest(tmp_path, capsys):

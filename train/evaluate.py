@@ -14,6 +14,13 @@ jit and return replicated scalars.
 Retrieval uses the Clotho/AudioCaps protocol when every clip has the same K > 1 captions, else LAION's
 `get_metrics` on each clip's first caption. Zero-shot tasks embed each class name through every
 prompt template and average (LAION's zero-shot classifier).
+
+Sets whose captions cannot tell some clips apart (the synthetic set: a caption names a clip's
+attributes, and many clips share all of them) carry `groups`, one id per clip for "described
+identically". Strict R@1 then has a ceiling below 1: a perfect model ranks the right group first and
+can only guess within it. The evaluator adds that ceiling (`*_R@1_ceiling`, exact for the set) and
+`*_attribute_match@1`: the top-ranked item belongs to the query's group (what a perfect model scores
+1.0 on), each with its chance level.
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ class EvalSet:
     audio: Callable[[Sequence[int]], Sequence[np.ndarray]]     # clip indices → waveforms
     zero_shot: dict[str, ZeroShotTask] = dataclasses.field(default_factory=dict)
     keys: list[str] | None = None
+    groups: np.ndarray | None = None    # (num_clips,) id: clips whose captions describe them identically
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -67,7 +75,8 @@ class EvalSet:
             if (labels >= 0).any():
                 zs[t] = ZeroShotTask(S.ZERO_SHOT_CLASSES[t], labels, S.PROMPT_TEMPLATES)
         return cls(name or f"synthetic-{ds.split}", [list(c) for c in ds.captions],
-                   lambda idx: list(ds.waveforms(idx)), zs, [ds.key(i) for i in range(len(ds))])
+                   lambda idx: list(ds.waveforms(idx)), zs, [ds.key(i) for i in range(len(ds))],
+                   ds.description_groups())
 
     @classmethod
     def from_source(cls, source, sample_rate: int, name: str | None = None) -> "EvalSet":
@@ -89,6 +98,31 @@ class EvalSet:
         if not waves:
             raise ValueError(f"evaluation set {name or source.name}: no readable sample")
         return cls(name or source.name, caps, lambda idx: [waves[i] for i in idx], {}, keys)
+
+
+def r1_ceiling(groups: np.ndarray, captions_per_clip: Sequence[int]) -> dict[str, float]:
+    """Expected strict R@1 of a perfect attribute-level model that breaks ties at random.
+
+    text→audio: a caption of clip i ties with every clip of i's group, so it ranks i first with
+    probability 1/|group|. audio→text (best of a clip's captions): all captions of the group tie, so
+    the top one is the clip's own with probability K_i / Σ_group K_j."""
+    groups = np.asarray(groups)
+    k = np.asarray(captions_per_clip, np.float64)
+    if groups.shape != k.shape:
+        raise ValueError(f"groups {groups.shape} and captions per clip {k.shape} must have one entry per clip")
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    captions_in_group = np.bincount(inverse, weights=k)
+    return {"text_to_audio_R@1_ceiling": float((k / sizes[inverse]).sum() / k.sum()),
+            "audio_to_text_R@1_ceiling": float(np.mean(k / captions_in_group[inverse]))}
+
+
+@jax.jit
+def attribute_match_top1(audio: jax.Array, text: jax.Array, clip_groups: jax.Array, text_groups: jax.Array):
+    """Share of queries whose top-ranked item has the query's group, both ways."""
+    sims = M.logits(audio, text)                                      # (N, T)
+    a2t = text_groups[jnp.argmax(sims, axis=1)] == clip_groups
+    t2a = clip_groups[jnp.argmax(sims, axis=0)] == text_groups
+    return {"text_to_audio_attribute_match@1": t2a.mean(), "audio_to_text_attribute_match@1": a2t.mean()}
 
 
 @dataclasses.dataclass
@@ -157,6 +191,16 @@ class Evaluator:
                          "concat": jax.jit(lambda parts, n: jnp.concatenate(parts)[:n], static_argnums=1)}
         return self._fns
 
+    def _group_metrics(self, audio, text, k: int) -> dict[str, float]:
+        groups = np.asarray(self.set.groups)
+        if groups.shape != (len(self.set),):
+            raise ValueError(f"evaluation set {self.set.name}: groups has shape {groups.shape}, "
+                             f"expected one id per clip ({len(self.set)},)")
+        out = r1_ceiling(groups, [k] * len(groups))
+        match = attribute_match_top1(audio, text, jnp.asarray(groups), jnp.asarray(np.repeat(groups, k)))
+        out.update(M.to_python(match))
+        return out
+
     # --- the evaluation ------------------------------------------------------------------------------
     def __call__(self, model) -> EvalResult:
         graphdef, state = nnx.split(model)
@@ -175,6 +219,10 @@ class Evaluator:
         else:
             metrics = M.to_python(M.retrieval_metrics(audio, text, scale))
         chance = {f"retrieval/{key}": v for key, v in M.chance_levels(n).items()}
+        if self.set.groups is not None:
+            metrics.update(self._group_metrics(audio, text, k))
+            share = np.unique(self.set.groups, return_counts=True)[1]
+            chance["retrieval/attribute_match@1"] = float((share ** 2).sum() / n ** 2)  # a random pick's group
         for name, task in self.set.zero_shot.items():
             prompts = [t.format(c) for c in task.classes for t in task.templates]
             emb = self._embed(fns["text"], state, len(prompts), lambda idx: self.tokenizer([prompts[i] for i in idx]))
@@ -193,15 +241,18 @@ def format_table(result: EvalResult, title: str = "") -> str:
     """R@1 / R@5 / mAP@10 both ways and zero-shot accuracy, each beside its chance level."""
     m, c = result.metrics, result.chance
     lines = [title] if title else []
-    lines.append(f"{'metric':<28}{'value':>9}{'chance':>9}{'× chance':>10}")
+    lines.append(f"{'metric':<34}{'value':>9}{'chance':>9}{'× chance':>10}")
 
     def row(name, value, base):
         ratio = f"{value / base:>10.1f}" if base else f"{'':>10}"
-        lines.append(f"{name:<28}{value:>9.4f}{base:>9.4f}{ratio}")
+        lines.append(f"{name:<34}{value:>9.4f}{base:>9.4f}{ratio}")
     for d in ("text_to_audio", "audio_to_text"):
-        for k in ("R@1", "R@5", "mAP@10"):
+        for k in ("R@1", "R@5", "mAP@10", "attribute_match@1"):
             if f"{d}_{k}" in m:
                 row(f"{d} {k}", m[f"{d}_{k}"], c[f"retrieval/{k}"])
+        if f"{d}_R@1_ceiling" in m:
+            lines.append(f"{d + ' R@1 ceiling':<34}{m[f'{d}_R@1_ceiling']:>9.4f}   (a perfect model, "
+                         f"guessing among identically described clips)")
     for key in sorted(k for k in m if k.startswith("zero_shot/") and k.endswith(("top1", "top5"))):
         row(key.replace("zero_shot/", "zero-shot "), m[key], c[key])
     return "\n".join(lines)
