@@ -96,6 +96,17 @@ def read_extras(directory: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def saved_shapes(directory: str) -> dict[str, tuple]:
+    """{dotted path: shape} of the variables saved in `directory`, from the Orbax metadata (no data read)."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.join(directory, VARIABLES))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{directory}: no {VARIABLES}/ (not a clapjax checkpoint directory)")
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.metadata(path).item_metadata.tree
+    return {k: tuple(v.shape) for k, v in _flat(tree).items()}
+
+
 Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None
 
 

@@ -78,7 +78,7 @@ def _read_sharded(index: str) -> dict[str, np.ndarray]:
     return sd
 
 
-def _read_weights(directory: str) -> dict[str, np.ndarray]:
+def read_weights(directory: str) -> dict[str, np.ndarray]:
     for name in WEIGHT_FILES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
@@ -98,7 +98,7 @@ def read_hf_dir(directory: str):
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if hf.model_type != "clap":
         raise ValueError(f"{path}: model_type {hf.model_type!r}, expected 'clap' (a ClapModel)")
-    sd = _read_weights(directory)
+    sd = read_weights(directory)
     if not sd:
         raise ValueError(f"{directory}: the weights file holds no tensors")
     return hf, sd

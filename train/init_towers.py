@@ -87,7 +87,7 @@ def load_tower(state_dict: Mapping[str, np.ndarray], table: K.KeyTable, target_s
 
 def read_hf_text_dir(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, state dict) of a transformers RobertaModel / BertModel directory."""
-    from clapjax.convert.hf import _read_weights  # the converter's reader: safetensors (sharded) or .bin
+    from clapjax.convert.hf import read_weights  # the converter's reader: safetensors (sharded) or .bin
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
@@ -96,7 +96,7 @@ def read_hf_text_dir(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     if hf_cfg.get("model_type") not in ("roberta", "bert"):
         raise ValueError(f"{path}: model_type {hf_cfg.get('model_type')!r}; init.text takes a RobertaModel or "
                          "BertModel directory")
-    sd = _read_weights(directory)
+    sd = read_weights(directory)
     for prefix in TEXT_PREFIXES:
         if sd and all(k.startswith(prefix) or re_match(TEXT_HEADS, k) for k in sd):
             sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
@@ -188,18 +188,6 @@ def apply_to_state(cfg, setup, state: dict, log: Callable = print) -> dict:
 
 # --- whole model: fine-tune a converted checkpoint ------------------------------------------------------
 
-def _saved_shapes(directory: str) -> dict[str, tuple]:
-    """{dotted path: shape} of a clapjax checkpoint's variables, from the Orbax metadata (no data read)."""
-    import orbax.checkpoint as ocp
-    from clapjax.convert import checkpoint
-    path = os.path.abspath(os.path.join(directory, checkpoint.VARIABLES))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{directory}: no {checkpoint.VARIABLES}/ (not a clapjax checkpoint directory)")
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.metadata(path).item_metadata.tree
-    return {k: tuple(v.shape) for k, v in checkpoint._flat(tree).items()}
-
-
 def _names(keys, limit: int = 10) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
@@ -207,7 +195,8 @@ def _names(keys, limit: int = 10) -> str:
 
 def check_checkpoint(directory: str, expected: Mapping[str, tuple]) -> None:
     """Every expected variable present with its shape, nothing else; else ValueError naming the keys."""
-    saved = _saved_shapes(directory)
+    from clapjax.convert import checkpoint
+    saved = checkpoint.saved_shapes(directory)
     problems = []
     missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
     if missing:
