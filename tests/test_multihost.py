@@ -3,12 +3,17 @@
 the parameters FSDP-sharded over all 8 devices, give the same per-step losses as one data-parallel
 process with 8 devices (≤ 1e-5); process 0 alone logs; the checkpoint they write together restores
 in a single process.
+
+`run_group` is how every multi-process test here starts its processes (see its docstring for the
+coordinator-port race it handles).
 """
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -35,10 +40,72 @@ def test_settings_from_config_then_environment():
         distributed.DistributedSettings.resolve({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}).validate()
 
 
+PORT_TAKEN = "Failed to add port to server"   # gRPC, as process 0 fails to bind the coordinator port
+PORT_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_group(commands, env: dict, timeout: float = TIMEOUT) -> list[tuple[int, str]]:
+    """Run the processes `commands(port)` lists to their end (process 0 first: it hosts the
+    coordinator on `port`); [(exit status, output)] per process, or a test failure after `timeout`.
+
+    JAX's coordinator binds its port itself, so the port can only be probed free here and bound
+    later; a parallel test worker (`pytest -n`) may take it in between. Process 0 then fails at
+    once with PORT_TAKEN, and the group is started again on a fresh port (PORT_ATTEMPTS at most).
+    Outputs go to files, not pipes: a peer blocked on a full pipe could stall the group."""
+    for _ in range(PORT_ATTEMPTS):
+        cmds = commands(_free_port())
+        logs = [tempfile.TemporaryFile("w+") for _ in cmds]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                 for cmd, log in zip(cmds, logs)]
+        deadline = time.monotonic() + timeout
+
+        def output(i: int) -> str:
+            logs[i].seek(0)
+            return logs[i].read()
+        try:
+            procs[0].wait(timeout=timeout)
+            if PORT_TAKEN in output(0):
+                continue
+            for p in procs[1:]:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+            return [(p.returncode, output(i)) for i, p in enumerate(procs)]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+                p.wait()
+            pytest.fail(f"the process group did not end within {timeout}s:\n" +
+                        "\n".join(f"--- process {i}:\n{output(i)[-2000:]}" for i in range(len(procs))))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    pytest.fail(f"{PORT_ATTEMPTS} coordinator ports were taken before process 0 could bind them")
+
+
+_JOIN = ("import sys, jax; jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, "
+         "process_id=int(sys.argv[2]), initialization_timeout=60); print('joined', jax.process_index()); "
+         "jax.distributed.shutdown()")
+
+
+def test_a_taken_coordinator_port_is_retried_on_a_fresh_one(monkeypatch):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1], _free_port()]
+        handed_out = iter(ports)
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: next(handed_out))
+        results = run_group(lambda port: [[sys.executable, "-c", _JOIN, f"127.0.0.1:{port}", str(i)] for i in range(2)],
+                            train_env(devices=1), timeout=120)
+    assert next(handed_out, None) is None                      # the second port was used
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0 and f"joined {i}" in out, out[-2000:]
 
 
 @pytest.fixture(scope="session")
@@ -48,31 +115,25 @@ def jax_cache(tmp_path_factory):
     return str(path)
 
 
+def two_process_train(workdir, cache, port: int, entry=("-m", "clapjax.cli")) -> list[list[str]]:
+    """`clapjax train tiny` as processes 0 and 1 of a group, each with its half of every batch and
+    the parameters FSDP-sharded over both."""
+    return [[sys.executable, *entry, "train", "tiny", "--workdir", str(workdir)] + run_overrides(cache) + [
+        f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+        f"distributed.process_id={pid}", "distributed.initialization_timeout=120", "checkpoint.every=4",
+        "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=-1"] for pid in range(2)]
+
+
 def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, jax_cache):
     single = tmp_path / "one_process"
     run_to_end(single, jax_cache)
     reference = metrics(single)
 
     multi = tmp_path / "two_processes"
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        cmd = [sys.executable, "-m", "clapjax.cli", "train", "tiny", "--workdir", str(multi)] + run_overrides(jax_cache) + [
-            f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
-            f"distributed.process_id={pid}", "distributed.initialization_timeout=120", "checkpoint.every=4",
-            "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=-1"]   # and FSDP across the two processes
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=train_env(devices=4), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the two-process run timed out:\n" + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    results = run_group(lambda port: two_process_train(multi, jax_cache, port), train_env(devices=4))
+    outs = [out for _, out in results]
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
     assert "step 1: loss" in outs[0] and "step 1: loss" not in outs[1]       # process 0 logs, alone
 
     got = metrics(multi)
