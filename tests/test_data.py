@@ -4,8 +4,6 @@ import io
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 import tarfile
 import textwrap
@@ -19,6 +17,8 @@ from clapjax.audio.frontend import FrontEndConfig
 from clapjax.tokenizer import Tokenizer, train_byte_level_bpe
 from clapjax.train import data as D
 from clapjax.train.data_sources import Manifest, SyntheticSource, TarShards, decode, expand_paths, Raw
+
+from test_multihost import run_group
 
 SR = 48000
 FE = FrontEndConfig(clip_samples=SR // 2)   # 0.5 s clips keep decoding and cropping cheap
@@ -38,6 +38,17 @@ def _flac(seconds: float, sr: int, seed: int, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def _float_wav(seconds: float, sr: int, seed: int, channels: int = 1, poison: float | None = None) -> bytes:
+    """A 32-bit float WAV (the one common format that can hold NaN / inf); `poison` replaces one
+    sample of the last channel."""
+    x = 0.3 * np.random.default_rng(seed).standard_normal((int(seconds * sr), channels)).astype(np.float32)
+    if poison is not None:
+        x[len(x) // 2, -1] = poison
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -45,7 +56,8 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(root, n=50, per_shard=10, bad=None):
-    """LAION-style shards: <key>.flac + <key>.json, sizes.json. `bad` maps sample number → defect."""
+    """LAION-style shards: <key>.flac + <key>.json, sizes.json. `bad` maps sample number → defect
+    (or to 'wav': a good float WAV instead of the flac)."""
     bad = bad or {}
     os.makedirs(root, exist_ok=True)
     sizes = {}
@@ -57,8 +69,11 @@ def write_shards(root, n=50, per_shard=10, bad=None):
                 seconds = (0.25, 0.5, 0.8)[i % 3]               # filled, exact and cropped clips
                 sr, ch = ((16000, 2) if i % 7 == 0 else (SR, 1))  # some need resampling and a downmix
                 defects = {"corrupt": b"fLaC" + bytes(range(256)) * 4, "empty_audio": b""}
-                audio = defects[kind] if kind in defects else _flac(seconds, sr, i, ch)
-                _add(tf, f"{key}.flac", audio)
+                wavs = {"wav": None, "nan_wav": np.nan, "inf_wav": -np.inf}
+                if kind in wavs:
+                    _add(tf, f"{key}.wav", _float_wav(seconds, sr, i, ch, wavs[kind]))
+                else:
+                    _add(tf, f"{key}.flac", defects[kind] if kind in defects else _flac(seconds, sr, i, ch))
                 text = {"empty_caption": "", "blank_list": ["", "  "]}.get(kind, WORDS[i % 8] if i % 2 else
                                                                                [f"a {WORDS[i % 8]} {j}" for j in range(5)])
                 if kind != "no_caption":
@@ -114,6 +129,33 @@ def test_ten_bad_of_50_stops_with_a_clear_message(tmp_path, tok):
     with pytest.raises(D.TooManyBadSamples, match=r"of 2\d samples read"):
         for _ in it:
             pass
+
+
+def test_samples_decoding_to_nan_or_inf_are_skipped_by_name_and_never_batched(tmp_path, tok, caplog):
+    """Float WAV members holding a NaN or an inf (one mono 48 kHz, one 16 kHz stereo with the NaN in
+    one channel, which the downmix and the resampler would smear over the clip) are bad samples:
+    skipped, counted and logged by shard/key, never in a batch; a clean float WAV trains. With
+    max_bad_fraction=0 the first one stops the run, naming it."""
+    bad = {3: "nan_wav", 8: "inf_wav", 14: "nan_wav", 5: "wav"}       # 14 is a 16 kHz stereo clip
+    root = write_shards(tmp_path / "shards", n=20, bad=bad)
+    cfg = D.DataConfig(global_batch_size=4, num_epochs=1, drop_remainder=False, with_keys=True,
+                       max_bad_fraction=0.2)
+    it = D.make_iterator(TarShards(str(root)), tok, FE, cfg, process_index=0, process_count=1)
+    with caplog.at_level(logging.WARNING, logger="clapjax.train.data"):
+        batches = list(it)
+    poisoned = {f"shard-{i // 10:06d}.tar/s{i:04d}" for i in (3, 8, 14)}
+    keys = [k for b in batches for k in b["key"].tolist()]
+    assert sorted(keys) == sorted({f"shard-{i // 10:06d}.tar/s{i:04d}" for i in range(20)} - poisoned)
+    assert all(np.isfinite(b["waveform"]).all() for b in batches)
+    stats = it.stats
+    assert stats["bad"] == 3 and {k for k, _ in stats["bad_keys"]} == poisoned
+    assert all("1 non-finite (NaN/inf) samples" in reason for _, reason in stats["bad_keys"]), stats["bad_keys"]
+    assert all(k in caplog.text for k in poisoned)
+    strict = D.DataConfig(global_batch_size=4, num_epochs=1, max_bad_fraction=0.0, bad_check_after=1,
+                          shuffle="none", cycle_length=1)
+    it = D.make_iterator(TarShards(str(root)), tok, FE, strict, process_index=0, process_count=1)
+    with pytest.raises(D.TooManyBadSamples, match=r"shard-000000\.tar/s0003 \(\.wav: 1 non-finite"):
+        list(it)
 
 
 def test_resume_mid_epoch_continues_with_the_exact_batches(tmp_path, tok):
@@ -266,21 +308,12 @@ _WORKER = textwrap.dedent("""
 def test_two_processes_read_disjoint_shards_covering_the_dataset(tmp_path, tok):
     root = write_shards(tmp_path / "shards", n=50, per_shard=8)     # 7 shards: 4 + 3
     tok.save(tmp_path / "tok")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(i), str(root),
-                               str(tmp_path / "tok"), str(tmp_path / f"keys{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    results = run_group(lambda port: [[sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(i), str(root),
+                                       str(tmp_path / "tok"), str(tmp_path / f"keys{i}.json")] for i in range(2)],
+                        env, timeout=240)
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
     res = [json.loads((tmp_path / f"keys{i}.json").read_text()) for i in range(2)]
     assert [r["process"] for r in res] == [0, 1] and all(r["count"] == 2 for r in res)
     k0, k1 = res[0]["keys"], res[1]["keys"]
