@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,6 +119,26 @@ def test_supervisor_prefixes_output_and_stops_the_rest_when_one_fails(tmp_path, 
     assert launch.supervise(["true"], [{}, {}]) == 0
     with pytest.raises(ValueError, match="after `--`"):
         launch.main(["--local", "2", "--"])
+
+
+_JOIN = ("import os, jax; jax.distributed.initialize(os.environ['CLAPJAX_COORDINATOR'], "
+         "int(os.environ['CLAPJAX_NUM_PROCESSES']), int(os.environ['CLAPJAX_PROCESS_ID']), initialization_timeout=60); "
+         "print('joined', jax.process_index()); jax.distributed.shutdown()")
+
+
+def test_local_launch_starts_again_when_the_coordinator_port_was_taken(monkeypatch, capsys):
+    """The port `--local` found free is taken before process 0's coordinator binds it (another
+    program, or a parallel test worker): the group is started again on a fresh port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        handed_out = iter([taken.getsockname()[1], launch.free_port()])
+        monkeypatch.setattr(launch, "free_port", lambda: next(handed_out))
+        monkeypatch.setattr(launch, "train_command", lambda args: [sys.executable, "-c", _JOIN])
+        rc = launch.run_local(2, ["unused"], cpu_devices=1, base_env=train_env())
+    out = capsys.readouterr().out
+    assert rc == 0 and "was taken before process 0 could bind it; starting again" in out, out[-3000:]
+    assert "[0] joined 0" in out and "[1] joined 1" in out and next(handed_out, None) is None
 
 
 PROBE = ("from clapjax.train import launch; g = launch.export_environment(); import os; "

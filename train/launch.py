@@ -40,6 +40,9 @@ from clapjax.train.distributed import ENV_COORDINATOR, ENV_ID, ENV_NUM
 ENV_PORT = "CLAPJAX_COORDINATOR_PORT"
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 61440, 4096     # JAX's SLURM port: 61440 + job id mod 4096
 TPU_DEFAULT_PORT = 8482                               # JAX's coordinator port on TPU pods
+# `--local` probes a free port, and process 0's coordinator binds it later: another program may take it
+# in between. gRPC then logs this line and process 0 fails at once; the launch starts again on a new port.
+PORT_TAKEN, PORT_ATTEMPTS = "Failed to add port to server", 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,24 +316,47 @@ def train_command(train_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "clapjax.cli", "train"] + args
 
 
+class _NoticePortTaken:
+    """The launcher's output stream, noting whether a line said the coordinator port was taken."""
+
+    def __init__(self, out):
+        self.out, self.taken = out, False
+
+    def write(self, text: str) -> None:
+        self.taken = self.taken or PORT_TAKEN in text
+        self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def run_local(num_processes: int, train_args: Sequence[str], *, cpu_devices: int | None = None,
               port: int | None = None, base_env: Mapping[str, str] | None = None) -> int:
-    """`num_processes` copies of `clapjax train` on this machine, joined through 127.0.0.1:port."""
+    """`num_processes` copies of `clapjax train` on this machine, joined through 127.0.0.1:port
+    (a free port when none is given, found again if it is taken before the coordinator binds it)."""
     if num_processes < 1:
         raise ValueError(f"--local {num_processes}: need at least one process")
     if cpu_devices is not None and cpu_devices < 1:
         raise ValueError(f"--cpu-devices {cpu_devices}: need at least one device")
     command = train_command(train_args)
-    port = free_port() if port is None else port
-    envs = []
-    for pid in range(num_processes):
-        env = dict(os.environ if base_env is None else base_env)
-        env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM: str(num_processes), ENV_ID: str(pid),
-                    "PYTHONUNBUFFERED": "1"})
-        if cpu_devices is not None:
-            with_cpu_devices(env, cpu_devices)
-        envs.append(env)
-    return supervise(command, envs)
+    attempts, attempt = (1 if port is not None else PORT_ATTEMPTS), 1
+    while True:
+        chosen = free_port() if port is None else port
+        envs = []
+        for pid in range(num_processes):
+            env = dict(os.environ if base_env is None else base_env)
+            env.update({ENV_COORDINATOR: f"127.0.0.1:{chosen}", ENV_NUM: str(num_processes), ENV_ID: str(pid),
+                        "PYTHONUNBUFFERED": "1"})
+            if cpu_devices is not None:
+                with_cpu_devices(env, cpu_devices)
+            envs.append(env)
+        out = _NoticePortTaken(sys.stdout)
+        rc = supervise(command, envs, out=out)
+        if rc == 0 or not out.taken or attempt == attempts:
+            return rc
+        attempt += 1
+        print(f"[launch] coordinator port {chosen} was taken before process 0 could bind it; "
+              f"starting again on another (attempt {attempt} of {attempts})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
