@@ -9,15 +9,32 @@ command trains on one host.
 On CPU the cross-process collectives need an implementation: we select gloo (JAX's default for
 CPU is none, and a multi-process CPU computation would fail at its first all-reduce). The option
 only concerns the CPU client, so it is harmless on accelerators.
+
+One process failing must stop the others. Left alone, its peers wait in the next collective for a
+partner that never comes, and the failing process itself waits in JAX's shutdown barrier for them,
+until the coordination service times the barrier out (`shutdown_timeout_seconds`, 300 s) and kills
+everyone with a fatal error. `stop_peers(err)` instead posts the error in the coordination
+service's key-value store; a watcher thread in every process (`watch_peers()`) waits on that key,
+prints which process failed and why, and ends its process with exit status `FAILED_EXIT`. Exits
+skip the shutdown barrier (`os._exit`): the group is gone, there is nobody to meet there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+import threading
+import traceback
 
 import jax
 
 ENV_COORDINATOR, ENV_NUM, ENV_ID = "CLAPJAX_COORDINATOR", "CLAPJAX_NUM_PROCESSES", "CLAPJAX_PROCESS_ID"
+FAILED_EXIT = 2                      # the status of every process of a group one of them stopped (as the CLI's errors)
+ABORT_KEY = "clapjax/failed"         # key-value store: "process P of N failed: <error>"
+STOPPED_KEY = "clapjax/stopped/{}"   # set by each process just before it exits
+WATCH_POLL_MS = 1000                 # the watcher's wait per look (so it notices when it is told to stop)
+LAST_EXIT_WAIT_MS = 30_000           # how long process 0 waits for each peer to leave first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,95 @@ def local_batch_size(global_batch: int) -> int:
     if global_batch % n:
         raise ValueError(f"global batch {global_batch} is not divisible by {n} processes")
     return global_batch // n
+
+
+# --- one process failing stops the group -----------------------------------------------------------
+
+_stopping = threading.Lock()         # taken by whichever thread of this process stops it first
+
+
+def _client():
+    """JAX's coordination-service client (no public accessor exists; multihost_utils reads it the same way)."""
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.client
+
+
+def _leave(client, pid: int, n: int) -> None:
+    """Say this process is leaving; process 0, which hosts the coordination service, leaves last so
+    that every message is delivered; then exit without JAX's shutdown barrier."""
+    with contextlib.suppress(Exception):
+        client.key_value_set(STOPPED_KEY.format(pid), "1")
+    if pid == 0:
+        for peer in range(1, n):
+            with contextlib.suppress(Exception):   # a peer that cannot answer is not waited for longer
+                client.blocking_key_value_get(STOPPED_KEY.format(peer), LAST_EXIT_WAIT_MS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(FAILED_EXIT)
+
+
+def _take_over() -> None:
+    """Become the thread that stops this process, or wait for the one that already does (it exits)."""
+    if not _stopping.acquire(blocking=False):
+        threading.Event().wait()
+
+
+def stop_peers(err: BaseException) -> None:
+    """In a multi-process run: print `err`, tell every other process, and exit with FAILED_EXIT
+    (never returns). In a single process: nothing (the caller re-raises)."""
+    client = _client() if jax.distributed.is_initialized() else None
+    if client is None:
+        return
+    _take_over()
+    pid, n = jax.process_index(), jax.process_count()
+    what = f"{type(err).__name__}: {err}"
+    try:
+        client.key_value_set(ABORT_KEY, f"process {pid} of {n} failed: {what}")
+    except Exception:   # ALREADY_EXISTS: another process failed first, and this error is likely its consequence
+        first = client.key_value_try_get(ABORT_KEY)
+        print(f"error: {first}; stopping process {pid} (here: {what})", file=sys.stderr)
+    else:
+        traceback.print_exception(err, file=sys.stderr)
+        print(f"error: {what}\nprocess {pid} of {n} failed; stopping the other processes", file=sys.stderr)
+    _leave(client, pid, n)
+
+
+class _PeerWatch(threading.Thread):
+    def __init__(self, client, pid: int, n: int):
+        super().__init__(name="clapjax-peer-watch", daemon=True)
+        self.client, self.pid, self.n = client, pid, n
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                message = self.client.blocking_key_value_get(ABORT_KEY, WATCH_POLL_MS)
+            except Exception as err:
+                if "DEADLINE_EXCEEDED" in str(err):
+                    continue                     # nothing posted yet
+                return                           # the service is gone: JAX's own heartbeat check takes over
+            if self.done.is_set():
+                return
+            _take_over()
+            print(f"error: {message}; stopping process {self.pid}", file=sys.stderr)
+            _leave(self.client, self.pid, self.n)
+
+
+@contextlib.contextmanager
+def watch_peers():
+    """While the block runs, a failure that another process posts with `stop_peers` ends this one
+    (a no-op in a single process)."""
+    client = _client() if jax.distributed.is_initialized() else None
+    if client is None:
+        yield
+        return
+    watch = _PeerWatch(client, jax.process_index(), jax.process_count())
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.done.set()
+        watch.join()
 
 
 def shutdown() -> None:

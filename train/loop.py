@@ -20,9 +20,14 @@ one uninterrupted run).
 Resume is automatic: if `checkpoints/` holds a step, the run continues from the latest one (state,
 rng, data position); otherwise it starts fresh (optionally with pretrained towers, see
 clapjax.train.init_towers).
+
+Multi-process runs: an exception on one process stops every process (each exits with status
+`distributed.FAILED_EXIT` and a message naming the failing process and its error) instead of
+leaving the others waiting in a collective; see clapjax.train.distributed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -200,6 +205,25 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
     e.g. periodic evaluation: `setup.template.merge(state["params"], state["batch_stats"])` is the model,
     and `metrics_log.scalar(name, value, step)` puts its figures in TensorBoard)."""
     distributed.initialize(cfg.distributed)
+    # a failure on one process stops the whole group (clapjax.train.distributed), handled before the
+    # run's resources are closed: closing a checkpointer may wait for the peers
+    with distributed.watch_peers(), contextlib.ExitStack() as resources:
+        try:
+            summary = _run(cfg, workdir, data_iter, log, hooks, resources)
+        except Exception as err:
+            distributed.stop_peers(err)        # multi-process: tells the others and exits here
+            raise
+    stopped = summary["stopped"]
+    if stopped and "non-finite" in stopped:
+        raise NonFiniteLossError(stopped)
+    if stopped and distributed.is_main():
+        log(stopped, file=sys.stderr) if log is print else log(stopped)
+    return summary
+
+
+def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Callable],
+         resources: contextlib.ExitStack) -> dict:
+    """The body of `train`; what it opens it registers with `resources`."""
     # every program of a run is worth keeping (a resumed or repeated run recompiles nothing)
     enable_compilation_cache(cfg.compilation_cache, min_compile_secs=0.0, min_entry_bytes=-1)
     config_lib.validate(cfg)
@@ -213,8 +237,11 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp})
     setup = step_lib.build_setup(cfg, model_cfg, mesh)
     checkpointer = ckpt_lib.Checkpointer.from_config(cfg, workdir)
-    own_iterator = data_iter is None                  # close only what we opened
-    data_iter = make_data_iterator(cfg, model_cfg) if own_iterator else data_iter
+    resources.callback(checkpointer.close)
+    if data_iter is None:                             # close only what we opened
+        data_iter = make_data_iterator(cfg, model_cfg)
+        if hasattr(data_iter, "close"):
+            resources.callback(data_iter.close)
 
     start = checkpointer.latest_step() or 0
     if start:
@@ -231,6 +258,7 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
             from clapjax.train import init_towers
             state = init_towers.apply_to_state(cfg, setup, state, log=log if main else (lambda *_: None))
     metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main, int(cfg.train.batch_size))
+    resources.callback(metrics_log.close)
     step_fn = step_lib.train_step(setup)
     total, every, log_every = int(cfg.train.steps), int(cfg.checkpoint.every), int(cfg.train.log_every)
     max_bad = int(cfg.train.max_nonfinite_in_row)
@@ -252,48 +280,37 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
         return rec
 
     progress = _progress_bar(total, start, main)
-    try:
-        while s < total:
-            waited = time.time()
-            try:
-                local = next(data_iter)
-            except StopIteration:
-                stopped = f"the data ran out after step {s}"
-                break
-            metrics_log.scalar("perf/data_wait_s", time.time() - waited, s + 1)
-            state, metrics = step_fn(state, device_batch(local, mesh))
-            s += 1
-            progress.update(1)
-            rec = flush()                      # the previous step's metrics: the device stays busy
-            pending = (s, metrics)
-            if s % every == 0 or s == total:
-                rec = flush() or rec
-                checkpointer.save(s, state, data_iter.get_state(), resolved)
-            for hook in hooks:
-                hook(s, state, setup, metrics_log)
-            if rec is not None and rec["nonfinite_streak"] >= max_bad:
-                stopped = (f"{rec['nonfinite_streak']} steps in a row had a non-finite loss or gradient "
-                           f"(last: step {rec['step']}); stopping (train.max_nonfinite_in_row={max_bad})")
-                break
-        last = flush()
-        if last is not None and last["nonfinite_streak"] >= max_bad and not stopped:
-            stopped = (f"{last['nonfinite_streak']} steps in a row had a non-finite loss or gradient; stopping "
-                       f"(train.max_nonfinite_in_row={max_bad})")
-        if stopped and s % every and s != total and checkpointer.latest_step() != s:
+    resources.callback(progress.close)
+    while s < total:
+        waited = time.time()
+        try:
+            local = next(data_iter)
+        except StopIteration:
+            stopped = f"the data ran out after step {s}"
+            break
+        metrics_log.scalar("perf/data_wait_s", time.time() - waited, s + 1)
+        state, metrics = step_fn(state, device_batch(local, mesh))
+        s += 1
+        progress.update(1)
+        rec = flush()                      # the previous step's metrics: the device stays busy
+        pending = (s, metrics)
+        if s % every == 0 or s == total:
+            rec = flush() or rec
             checkpointer.save(s, state, data_iter.get_state(), resolved)
-    finally:
-        progress.close()
-        checkpointer.close()
-        metrics_log.close()
-        if own_iterator and hasattr(data_iter, "close"):
-            data_iter.close()
+        for hook in hooks:
+            hook(s, state, setup, metrics_log)
+        if rec is not None and rec["nonfinite_streak"] >= max_bad:
+            stopped = (f"{rec['nonfinite_streak']} steps in a row had a non-finite loss or gradient "
+                       f"(last: step {rec['step']}); stopping (train.max_nonfinite_in_row={max_bad})")
+            break
+    last = flush()
+    if last is not None and last["nonfinite_streak"] >= max_bad and not stopped:
+        stopped = (f"{last['nonfinite_streak']} steps in a row had a non-finite loss or gradient; stopping "
+                   f"(train.max_nonfinite_in_row={max_bad})")
+    if stopped and s % every and s != total and checkpointer.latest_step() != s:
+        checkpointer.save(s, state, data_iter.get_state(), resolved)
     if cfg.get("export", {}).get("model") and not (stopped and "non-finite" in stopped):
         from clapjax.train import init_towers  # the converter's format: clapjax eval / embed / export read it
         init_towers.export_model(cfg, setup, state, model_cfg, os.path.join(workdir, "model"))
         log(f"trained model: {os.path.join(workdir, 'model')}") if main else None
-    summary = {"step": s, "stopped": stopped, "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
-    if stopped and "non-finite" in stopped:
-        raise NonFiniteLossError(stopped)
-    if stopped and main:
-        log(stopped, file=sys.stderr) if log is print else log(stopped)
-    return summary
+    return {"step": s, "stopped": stopped, "nonfinite_total": int(jax.device_get(state["nonfinite_total"]))}
