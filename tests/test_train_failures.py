@@ -9,6 +9,8 @@ is what it was. One non-finite element among ~10^5 is the hardest case for the s
 """
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,28 @@ loop.RandomBatches.__next__ = failing_draw
 from clapjax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+HOST_WORK_FAILS = """
+import sys, threading
+from clapjax.train import distributed
+pid = int(sys.argv[2])
+distributed.initialize({"coordinator": sys.argv[1], "num_processes": 2, "process_id": pid,
+                        "initialization_timeout": 60})
+with distributed.one_failure_stops_all():
+    if pid == 1:
+        raise OSError("injected on process 1")
+    threading.Event().wait(600)     # host work that no collective interrupts: only the watcher ends it
+"""
+
+
+def test_a_peer_busy_outside_any_collective_is_stopped_too():
+    results = run_group(lambda port: [[sys.executable, "-c", HOST_WORK_FAILS, f"127.0.0.1:{port}", str(i)]
+                                      for i in range(2)], train_env(devices=1), timeout=120)
+    (rc0, out0), (rc1, out1) = results
+    assert rc1 == distributed.FAILED_EXIT and "process 1 of 2 failed; stopping the other processes" in out1, out1
+    assert rc0 == distributed.FAILED_EXIT, out0[-3000:]
+    assert "error: process 1 of 2 failed: OSError: injected on process 1; stopping process 0" in out0, out0[-3000:]
 
 
 @pytest.fixture(scope="session")

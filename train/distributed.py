@@ -13,10 +13,12 @@ only concerns the CPU client, so it is harmless on accelerators.
 One process failing must stop the others. Left alone, its peers wait in the next collective for a
 partner that never comes, and the failing process itself waits in JAX's shutdown barrier for them,
 until the coordination service times the barrier out (`shutdown_timeout_seconds`, 300 s) and kills
-everyone with a fatal error. `stop_peers(err)` instead posts the error in the coordination
-service's key-value store; a watcher thread in every process (`watch_peers()`) waits on that key,
-prints which process failed and why, and ends its process with exit status `FAILED_EXIT`. Exits
-skip the shutdown barrier (`os._exit`): the group is gone, there is nobody to meet there.
+everyone with a fatal error. Inside `one_failure_stops_all()`, an exception instead posts the error
+in the coordination service's key-value store (`stop_peers`); a watcher thread in every process
+(`watch_peers`) waits on that key, prints which process failed and why, and ends its process with
+exit status `FAILED_EXIT`, whatever it was doing. (A peer waiting in a collective usually fails on
+its own first, as the failing process's sockets close: it then reports the first failure too.)
+Exits skip the shutdown barrier (`os._exit`): the group is gone, there is nobody to meet there.
 """
 from __future__ import annotations
 
@@ -180,6 +182,19 @@ class _PeerWatch(threading.Thread):
             _take_over()
             print(f"error: {message}; stopping process {self.pid}", file=sys.stderr)
             _leave(self.client, self.pid, self.n)
+
+
+@contextlib.contextmanager
+def one_failure_stops_all():
+    """An exception escaping the block stops every process of the group (`stop_peers`), and one
+    posted by another process ends this one (`watch_peers`); a no-op in a single process. Enter it
+    inside whatever closes the run's resources: closing a checkpointer may wait for the peers."""
+    with watch_peers():
+        try:
+            yield
+        except Exception as err:
+            stop_peers(err)        # multi-process: never returns
+            raise
 
 
 @contextlib.contextmanager

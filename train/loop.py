@@ -205,14 +205,9 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
     e.g. periodic evaluation: `setup.template.merge(state["params"], state["batch_stats"])` is the model,
     and `metrics_log.scalar(name, value, step)` puts its figures in TensorBoard)."""
     distributed.initialize(cfg.distributed)
-    # a failure on one process stops the whole group (clapjax.train.distributed), handled before the
-    # run's resources are closed: closing a checkpointer may wait for the peers
-    with distributed.watch_peers(), contextlib.ExitStack() as resources:
-        try:
-            summary = _run(cfg, workdir, data_iter, log, hooks, resources)
-        except Exception as err:
-            distributed.stop_peers(err)        # multi-process: tells the others and exits here
-            raise
+    # a failure on one process stops the whole group, before the run's resources are closed
+    with contextlib.ExitStack() as resources, distributed.one_failure_stops_all():
+        summary = _run(cfg, workdir, data_iter, log, hooks, resources)
     stopped = summary["stopped"]
     if stopped and "non-finite" in stopped:
         raise NonFiniteLossError(stopped)
