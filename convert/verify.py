@@ -58,25 +58,29 @@ def _inputs(model: CLAPModel, seed: int = 0):
 
 
 def verify(src_path: str, ckpt_dir: str) -> Agreement:
-    from clapjax.api import CLAP
-    clap = CLAP.from_pretrained(ckpt_dir, compilation_cache=None)
-    if clap.config.tmodel != "roberta":
+    from flax import nnx
+    from clapjax.audio import io as audio_io
+    from clapjax.convert import checkpoint
+    from clapjax.embedding import embedding_functions
+    model = checkpoint.restore(ckpt_dir)
+    cfg = model.config
+    if cfg.tmodel != "roberta":
         raise NotImplementedError(f"--verify builds the reference for RoBERTa text towers; this model's is "
-                                  f"{clap.config.tmodel}")
+                                  f"{cfg.tmodel}")
     src = pipeline.read_source(src_path)
-    waves, text = _inputs(clap.model)
-    audio_in = clap.audio_batch(waves)
-    ours_a = clap._run(clap._audio_fn, audio_in)
-    ours_t = clap.get_text_embedding(text)
+    waves, text = _inputs(model)
+    audio_in = audio_io.model_audio_input(waves, cfg.frontend, cfg.enable_fusion)
+    graphdef, state = nnx.split(model)
+    audio_fn, text_fn = embedding_functions(graphdef)
+    ours_a, ours_t = np.asarray(audio_fn(state, audio_in)), np.asarray(text_fn(state, text))
     ref = _laion_reference if src.fmt == "laion" else _hf_reference
-    theirs_a, theirs_t = ref(src, clap, audio_in, text)
+    theirs_a, theirs_t = ref(src, cfg, audio_in, text)
     return Agreement(*_compare(ours_a, theirs_a), *_compare(ours_t, theirs_t))
 
 
-def _laion_reference(src, clap, audio_in, text):
+def _laion_reference(src, cfg, audio_in, text):
     import torch
     from clapjax.convert import torch_reference as R
-    cfg = clap.config
     R.laion_clap()
     from laion_clap.clap_module.model import CLAP as LaionCLAP
     laion_cfg = R.laion_model_cfg(cfg.amodel, cfg.tmodel)
@@ -108,12 +112,12 @@ def _laion_reference(src, clap, audio_in, text):
     return a, t
 
 
-def _hf_reference(src, clap, audio_in, text):
+def _hf_reference(src, cfg, audio_in, text):
     import torch
     from transformers import ClapModel
     model = ClapModel(src.hf_config).eval()
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in src.state_dict.items()}, strict=True)
-    fe = clap.config.frontend
+    fe = cfg.frontend
     with torch.no_grad():
         if "waveform" in audio_in:
             from clapjax.audio.frontend import log_mel

@@ -11,7 +11,8 @@ from flax import nnx
 
 from clapjax import layers as L
 from clapjax import text as T
-from clapjax.api import CLAP, trimmed_text_length
+from clapjax.api import CLAP
+from clapjax.embedding import trimmed_text_length
 from clapjax.audio import swin
 from clapjax.audio.frontend import FrontEndConfig
 from clapjax.audio.htsat import HTSATConfig
@@ -175,7 +176,7 @@ def test_pooled_only_last_layer_equals_full_tower(tmodel, rng):
 
 def test_audio_in_row_groups_equals_one_batch(rng):
     """The API runs audio batches 4 clips per `lax.map` step: same embeddings as one big batch."""
-    from clapjax.api import embedding_functions
+    from clapjax.embedding import embedding_functions
     clap, _ = tiny_clap("roberta")
     plain_audio, _ = embedding_functions(nnx.split(clap.model)[0])
     waves = rng.uniform(-0.5, 0.5, (8, 48000)).astype(np.float32)

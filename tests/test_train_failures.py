@@ -55,7 +55,7 @@ def _batch(cfg, index):
 
 def test_finite_loss_with_an_infinite_gradient_leaves_the_state_unchanged_and_is_counted(
         infinite_gradient_run, monkeypatch):
-    from clapjax.api import enable_compilation_cache
+    from clapjax.embedding import enable_compilation_cache
     cfg = infinite_gradient_run
     enable_compilation_cache(cfg.compilation_cache, min_compile_secs=0.0, min_entry_bytes=-1)   # as train() does
     mc = C.model_config(cfg)

@@ -180,7 +180,7 @@ class Evaluator:
 
     def _functions(self, graphdef):
         if self._fns.get("graphdef") != graphdef:   # one compile per model structure
-            from clapjax.api import embedding_functions
+            from clapjax.embedding import embedding_functions
             audio_fn, text_fn = embedding_functions(graphdef)
 
             @jax.jit

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from clapjax.api import enable_compilation_cache
+from clapjax.embedding import enable_compilation_cache
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as config_lib
 from clapjax.train import distributed, sharding, step as step_lib

@@ -315,3 +315,18 @@ def batch_audio_features(waveforms: Sequence, cfg: FrontEndConfig = FrontEndConf
     if mode == "hf" and truncating == "fusion":
         out["longer"] = hf_force_longer(out["longer"], rng)
     return out
+
+
+def model_audio_input(waveforms: Sequence, cfg: FrontEndConfig, fused: bool, rng: Rng | None = None, *,
+                      quantize: bool = True) -> dict[str, np.ndarray]:
+    """LAION's inference preprocessing of 48 kHz mono clips → the audio towers' input mapping: {'waveform' (B, N)}
+    unfused, {'mel_fusion' (B, 4, T, mel), 'longer' (B,)} fused. Clips go through LAION's int16 round trip
+    unless `quantize=False`; `rng=None` crops deterministically from the start (LAION's crops are random)."""
+    if len(waveforms) == 0:
+        raise ValueError("no audio given")
+    clips = [quantize_int16(w) if quantize else check_waveform(w) for w in waveforms]
+    feats = batch_audio_features(clips, cfg, truncating="fusion" if fused else "rand_trunc", filling="repeatpad",
+                                 rng=rng, mode="laion", crop_mode="random" if rng is not None else "start")
+    if fused:
+        return {"mel_fusion": feats["mel_fusion"].astype(np.float32), "longer": feats["longer"]}
+    return {"waveform": feats["waveform"]}
