@@ -206,10 +206,15 @@ def test_bad_inputs_are_rejected(feats):
     with pytest.raises(ValueError, match="not in mesh"):
         losses.siglip_ring_loss(a, t, LOG_T, BIAS, sharding.make_mesh((8, 1)), axis="model")
     with pytest.raises(ValueError, match="transform heads"):
-        losses.clap_loss((a, t, None, None, SCALE_A, SCALE_T), mlp_loss=True)
+        losses.LOSSES["clip_mlp"].fn((a, t), {"logit_scale_a": 0.0, "logit_scale_t": 0.0}, None)
 
 
-def test_clap_loss_dispatches_on_mlp_flag(feats, dense_results):
-    out = (feats["a"], feats["t"], feats["a_mlp"], feats["t_mlp"], SCALE_A, SCALE_T)
-    assert abs(float(losses.clap_loss(out, mlp_loss=False)) - float(dense_results["clip"][0])) <= TOL
-    assert abs(float(losses.clap_loss(out, mlp_loss=True)) - float(dense_results["clip_mlp"][0])) <= TOL
+def test_loss_registry_dispatches_by_name(feats, dense_results):
+    """The train step's losses by name, from log scales in the params, equal the functions they name."""
+    out = (feats["a"], feats["t"], feats["a_mlp"], feats["t_mlp"])
+    params = {"logit_scale_a": math.log(SCALE_A), "logit_scale_t": math.log(SCALE_T),
+              **dict(zip(losses.SIGLIP_PARAMS, (LOG_T, BIAS)))}
+    for name in ("clip", "clip_mlp", "siglip"):
+        got = float(losses.LOSSES[name].fn(out, params, None))
+        assert abs(got - float(dense_results[name][0])) <= TOL, name
+    assert set(losses.LOSSES) == {"clip", "clip_mlp", "siglip", "siglip_ring"}

@@ -25,14 +25,12 @@ from typing import Any, Sequence
 import ml_collections
 
 from clapjax.model import CLAPConfig
+from clapjax.train.losses import LOSSES
+from clapjax.train.optim import GROUPS, OPTIMIZERS
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # sections whose keys are owned by their consumer: any key may be added by an override
 OPEN = ("model.audio_overrides", "model.text_overrides", "data", "compiler_options")
-LOSSES = ("clip", "clip_mlp", "siglip", "siglip_ring")
-OPTIMIZERS = ("adamw", "adam")
-# parameter groups for learning-rate multipliers and freezing (see optim.param_group)
-GROUPS = ("audio_branch", "text_branch", "heads", "logit_scale")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -156,9 +154,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Reject settings that cannot train, naming the key."""
     if cfg.loss.name not in LOSSES:
-        raise ValueError(f"loss.name must be one of {LOSSES}, got {cfg.loss.name!r}")
-    if cfg.loss.name == "clip_mlp" and not cfg.model.transform_heads:
-        raise ValueError("loss.name='clip_mlp' needs model.transform_heads=True")
+        raise ValueError(f"loss.name must be one of {tuple(LOSSES)}, got {cfg.loss.name!r}")
+    if LOSSES[cfg.loss.name].needs_transform_heads and not cfg.model.transform_heads:
+        raise ValueError(f"loss.name={cfg.loss.name!r} needs model.transform_heads=True")
     if cfg.optim.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.optim.name!r}")
     unknown = set(cfg.optim.lr_mult) - set(GROUPS)

@@ -19,8 +19,9 @@ than b×b logits (the backward pass recomputes each block instead of storing it)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,17 +96,6 @@ def clip_mlp_loss(audio: jax.Array, text: jax.Array, audio_mlp: jax.Array, text_
     return (_infonce(a, t_mlp, scale_a, mesh) + _infonce(a_mlp, t, scale_t, mesh)) / 2
 
 
-def clap_loss(outputs: Sequence, *, mlp_loss: bool, mesh: Mesh | None = None) -> jax.Array:
-    """The loss LAION trains with, from `CLAPModel.__call__`'s 6-tuple
-    (audio_f, text_f, audio_f_mlp, text_f_mlp, exp(scale_a), exp(scale_t))."""
-    a, t, a_mlp, t_mlp, scale_a, scale_t = outputs
-    if not mlp_loss:
-        return clip_loss(a, t, scale_a, mesh=mesh)
-    if a_mlp is None or t_mlp is None:
-        raise ValueError("mlp_loss=True needs a model with transform heads (CLAPConfig.transform_heads)")
-    return clip_mlp_loss(a, t, a_mlp, t_mlp, scale_a, scale_t, mesh=mesh)
-
-
 # --- SigLIP -----------------------------------------------------------------------------------------
 def _sigmoid_block(a: jax.Array, x: jax.Array, scale: jax.Array, bias: jax.Array,
                    positives: jax.Array | None) -> jax.Array:
@@ -168,3 +158,40 @@ def siglip_ring_loss(audio: jax.Array, text: jax.Array, log_t, bias, mesh: Mesh,
     rows = P(axis)
     ring = sharding.shard_map(local, mesh, in_specs=(rows, rows, P(), P()), out_specs=P())
     return ring(a, t, log_t, bias)
+
+
+# --- the registry: the one place that knows the loss names -------------------------------------------
+# Each takes the f32 features from the train-mode forward ((audio, text) or (audio, text, audio_mlp,
+# text_mlp)), the flat params (log logit scales, the loss's own parameters) and the mesh.
+SIGLIP_PARAMS = ("loss.siglip_log_t", "loss.siglip_bias")   # SigLIP's learnt log temperature and bias
+
+
+def _clip(feats, params, mesh):
+    return clip_loss(feats[0], feats[1], jnp.exp(params["logit_scale_a"]), mesh=mesh)
+
+
+def _clip_mlp(feats, params, mesh):
+    if len(feats) < 4:
+        raise ValueError("loss 'clip_mlp' needs a model with transform heads")
+    return clip_mlp_loss(feats[0], feats[1], feats[2], feats[3], jnp.exp(params["logit_scale_a"]),
+                         jnp.exp(params["logit_scale_t"]), mesh=mesh)
+
+
+def _siglip(feats, params, mesh):
+    return siglip_loss(feats[0], feats[1], *(params[k] for k in SIGLIP_PARAMS), mesh=mesh)
+
+
+def _siglip_ring(feats, params, mesh):
+    return siglip_ring_loss(feats[0], feats[1], *(params[k] for k in SIGLIP_PARAMS), mesh,
+                            axis=sharding.batch_axes(mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    fn: Callable[[tuple, dict, Mesh | None], jax.Array]
+    own_params: tuple[str, ...] = ()      # learnt parameters the loss adds beside the model's
+    needs_transform_heads: bool = False   # LAION's mlp-loss reads the transform heads' features
+
+
+LOSSES = {"clip": Loss(_clip), "clip_mlp": Loss(_clip_mlp, needs_transform_heads=True),
+          "siglip": Loss(_siglip, SIGLIP_PARAMS), "siglip_ring": Loss(_siglip_ring, SIGLIP_PARAMS)}

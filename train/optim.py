@@ -26,6 +26,9 @@ import optax
 
 from clapjax.model import LogitScale
 
+OPTIMIZERS = ("adamw", "adam")   # LAION's --optimizer choices (adam: every weight decay 0)
+# parameter groups for learning-rate multipliers and freezing (see param_group)
+GROUPS = ("audio_branch", "text_branch", "heads", "logit_scale")
 HEADS = ("audio_projection", "text_projection", "audio_transform", "text_transform")
 LOSS_PREFIX = "loss."            # SigLIP's learnable temperature and bias live beside the model's params
 NO_DECAY_SUBSTRINGS = ("bn", "ln", "bias", "logit_scale")
@@ -83,8 +86,8 @@ def _scale_per_leaf(mults: Mapping[str, float]) -> optax.GradientTransformation:
 def make_optimizer(cfg, total_steps: int, params: Mapping[str, Any],
                    kinds: Mapping[str, type] | None = None) -> optax.GradientTransformation:
     """`cfg` is the config's `optim` section; `params` the flat (abstract) parameter dict."""
-    if cfg.name not in ("adamw", "adam"):
-        raise ValueError(f"optim.name must be 'adamw' or 'adam', got {cfg.name!r}")
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
     groups = {k: param_group(k) for k in params}
     freeze = set(cfg.freeze)
     mults = {k: float(cfg.lr_mult.get(g, 1.0)) for k, g in groups.items()}

@@ -41,8 +41,6 @@ from clapjax.model import CLAPConfig, CLAPModel
 from clapjax.train import losses, optim, sharding
 
 Flat = dict[str, jax.Array]
-LOSS_PARAMS = {"siglip": ("loss.siglip_log_t", "loss.siglip_bias"),
-               "siglip_ring": ("loss.siglip_log_t", "loss.siglip_bias")}
 
 
 # --- the split model -------------------------------------------------------------------------------
@@ -128,21 +126,8 @@ def embed(template: ModelTemplate, params: Flat, batch_stats: Flat, batch, key) 
 
 
 def loss_from_features(name: str, feats: tuple, params: Flat, mesh) -> jax.Array:
-    """The configured loss on global embeddings; scales read from `params` (log form)."""
-    a, t = feats[0], feats[1]
-    if name == "clip":
-        return losses.clip_loss(a, t, jnp.exp(params["logit_scale_a"]), mesh=mesh)
-    if name == "clip_mlp":
-        if len(feats) < 4:
-            raise ValueError("loss 'clip_mlp' needs a model with transform heads")
-        return losses.clip_mlp_loss(a, t, feats[2], feats[3], jnp.exp(params["logit_scale_a"]),
-                                    jnp.exp(params["logit_scale_t"]), mesh=mesh)
-    log_t, bias = (params[k] for k in LOSS_PARAMS["siglip"])
-    if name == "siglip":
-        return losses.siglip_loss(a, t, log_t, bias, mesh=mesh)
-    if name == "siglip_ring":
-        return losses.siglip_ring_loss(a, t, log_t, bias, mesh, axis=sharding.batch_axes(mesh))
-    raise ValueError(f"unknown loss {name!r}")
+    """The configured loss (`losses.LOSSES`) on global embeddings; scales read from `params` (log form)."""
+    return losses.LOSSES[name].fn(feats, params, mesh)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -280,10 +265,12 @@ def make_train_step(template: ModelTemplate, tx, mesh, settings: StepSettings, s
 # --- the state -------------------------------------------------------------------------------------
 
 def loss_param_init(cfg) -> dict[str, float]:
-    if cfg.loss.name in LOSS_PARAMS:
-        log_t, bias = LOSS_PARAMS[cfg.loss.name]
-        return {log_t: float(cfg.loss.siglip_init_log_t), bias: float(cfg.loss.siglip_init_bias)}
-    return {}
+    """The loss's own parameters at their configured initial values (only SigLIP has any)."""
+    own = losses.LOSSES[cfg.loss.name].own_params
+    if not own:
+        return {}
+    log_t, bias = own
+    return {log_t: float(cfg.loss.siglip_init_log_t), bias: float(cfg.loss.siglip_init_bias)}
 
 
 def _flat_shardings(state_tree) -> dict:
