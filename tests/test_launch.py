@@ -110,11 +110,15 @@ def test_train_refuses_a_broken_launcher_environment(monkeypatch, capsys):
 # --- process supervision and the shims --------------------------------------------------------------
 
 def test_supervisor_prefixes_output_and_stops_the_rest_when_one_fails(tmp_path, capsys):
-    started = time.time()
-    rc = launch.supervise(["sh", "-c", 'echo "hi $N"; [ "$N" = 1 ] && exit 3; sleep 60'],
-                          [{"N": "0", "PATH": os.environ["PATH"]}, {"N": "1", "PATH": os.environ["PATH"]}])
+    # process 0 would sleep for 10 minutes and then leave a mark: it is gone when supervise returns and left
+    # none, so it was stopped (no wall-clock bound)
+    env = {"PATH": os.environ["PATH"], "DIR": str(tmp_path)}
+    script = 'echo "hi $N"; echo $$ > "$DIR/$N"; [ "$N" = 1 ] && exit 3; sleep 600 && touch "$DIR/finished"'
+    rc = launch.supervise(["sh", "-c", script], [{**env, "N": "0"}, {**env, "N": "1"}])
     out = capsys.readouterr().out
-    assert rc == 3 and time.time() - started < 30
+    assert rc == 3 and not (tmp_path / "finished").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((tmp_path / "0").read_text()), 0)
     assert "[0] hi 0" in out and "[1] hi 1" in out and "process 1 exited with 3" in out
     assert launch.supervise(["true"], [{}, {}]) == 0
     with pytest.raises(ValueError, match="after `--`"):
