@@ -10,6 +10,10 @@ wording:
 * duration: a short event (10–25 % of the clip) or a long one (70–100 %);
 * optionally a quieter second sound of another kind mixed underneath.
 
+A held-out caption names every attribute; a share of the training captions names only one or two
+("a loud sound", "a pure tone at C4 with vibrato"), so one-attribute zero-shot prompts read like
+training text.
+
 The split is a property of the generator, not of the seed: a fixed 20 % of the
 (kind, modulation, loudness) combinations, stratified by kind, only ever occur in the 'heldout'
 split, so every attribute value is seen in training but the held-out combinations never are.
@@ -57,11 +61,10 @@ KIND_CLASSES = ("a pure tone", "a rising chirp", "a falling chirp", "white noise
                 "brown noise", "a click train")
 # one task per attribute family the captions name (kind with its chirp direction / noise colour,
 # pitch, click rate, modulation, loudness, duration); class lists follow the tuples above. A class
-# prompt names one attribute while every training caption names all of them, so a prompt like "a
-# pure tone" is out of the text tower's training distribution: after `make demo` the top retrieved
-# clip has the caption's kind for 100 % of captions, but zero-shot kind is 0.29 (tones spread over
-# every class). Captions that name only some attributes would close that gap (and need a
-# per-caption R@1 ceiling).
+# prompt names one attribute, so the training split has partial captions (PARTIAL_CAPTION_PROBABILITY)
+# that name one or two, with the same words: with complete captions only, a prompt like "a pure
+# tone" was out of the text tower's training distribution and zero-shot kind reached 0.29 (chance
+# 0.14) while the top retrieved clip had the caption's kind for 100 % of captions.
 ZERO_SHOT_CLASSES = {
     "kind": KIND_CLASSES,
     "pitch": tuple(f"a pure tone at {n}" for n in NOTES),
@@ -139,8 +142,8 @@ class ClipSpec:
 
     @property
     def description(self) -> tuple:
-        """What every caption of the clip names: clips with equal descriptions cannot be told
-        apart from their captions (onset, exact level, modulation rate and phase go unnamed)."""
+        """What a complete caption of the clip names: clips with equal descriptions cannot be told
+        apart from their complete captions (onset, exact level, modulation rate and phase go unnamed)."""
         return (self.kind, self.value, self.modulation, self.loudness, self.duration, self.mix_kind, self.mix_value)
 
     def attributes(self) -> dict:
@@ -176,12 +179,14 @@ _MOD_PHRASES = {"none": ("", "", "without modulation", "unmodulated"), "tremolo"
 _NUMBER_WORDS = {2: "two", 4: "four", 8: "eight", 16: "sixteen"}
 
 
-def _noun(rng, kind: str, value: str) -> str:
-    """A noun phrase for one sound class, without article or adjectives."""
+def _noun(rng, kind: str, value: str, name_value: bool = True) -> str:
+    """A noun phrase for one sound class, without article or adjectives; without the pitch or click
+    rate when not `name_value` (a chirp's direction and a noise's colour are its kind: always named)."""
     # "tone" names only the steady kind (a chirp is never a "tone gliding upward"): a caption's
     # kind word must tell the kinds apart for "a pure tone" to mean something zero-shot
     if kind == "tone":
-        forms = ("pure tone at {v}", "{v} sine tone", "tone pitched at {v}", "tone at {v}", "{v} pure tone")
+        forms = (("pure tone at {v}", "{v} sine tone", "tone pitched at {v}", "tone at {v}", "{v} pure tone")
+                 if name_value else ("pure tone", "sine tone", "steady tone"))
     elif kind == "chirp":
         up = value == "rising"
         forms = ((f"{value} chirp", "upward sweep", "rising sweep", "chirp going up", "chirp gliding upward")
@@ -189,6 +194,8 @@ def _noun(rng, kind: str, value: str) -> str:
                              "chirp gliding downward"))
     elif kind == "noise":
         forms = ("{v} noise", "burst of {v} noise", "{v} noise hiss")
+    elif not name_value:
+        forms = ("click train", "series of clicks", "train of clicks")
     else:
         rate = int(value)
         r = value if rng.random() < 0.5 else _NUMBER_WORDS[rate]
@@ -207,28 +214,49 @@ def _pick(rng, options: Sequence[str]) -> str:
     return options[rng.integers(len(options))]
 
 
-def caption(spec: ClipSpec, rng: np.random.Generator) -> str:
-    """One caption naming every attribute of `spec`, in one of several sentence shapes."""
-    noun = _noun(rng, spec.kind, spec.value)
+# what a caption can name; a partial caption names one or two of these (and the kind's pitch or
+# click rate only sometimes), so that one-attribute zero-shot prompts like "a pure tone" or "a loud
+# sound" read like captions the text tower was trained on
+CAPTION_ATTRIBUTES = ("kind", "loudness", "duration", "modulation")
+PARTIAL_CAPTION_PROBABILITY = 0.3   # the training split's share of partial captions (held out: 0)
+
+
+def _partial_names(rng, spec: ClipSpec) -> frozenset[str]:
+    k = int(rng.integers(1, 3))
+    names = {CAPTION_ATTRIBUTES[j] for j in rng.permutation(len(CAPTION_ATTRIBUTES))[:k]}
+    if "kind" in names and (spec.kind not in ("tone", "clicks") or rng.random() < 0.5):
+        names.add("value")
+    return frozenset(names)
+
+
+def caption(spec: ClipSpec, rng: np.random.Generator, names: frozenset[str] | None = None) -> str:
+    """One caption of `spec`, in one of several sentence shapes, naming every attribute (`names`
+    None) or only those in `names` (of CAPTION_ATTRIBUTES, 'value' for the pitch or click rate and
+    'mix' for the background sound); a caption that names no kind calls it "a sound"."""
+    full = names is None
+    names = frozenset((*CAPTION_ATTRIBUTES, "value", "mix")) if full else names
+    noun = _noun(rng, spec.kind, spec.value, "value" in names) if "kind" in names else "sound"
     loud, dur = _pick(rng, _LOUD_WORDS[spec.loudness]), _pick(rng, _DUR_WORDS[spec.duration])
-    mod = _pick(rng, _MOD_PHRASES[spec.modulation])
-    mod = f" {mod}" if mod else ""
+    # a partial caption that names the modulation of an unmodulated sound says so
+    mod = _pick(rng, _MOD_PHRASES[spec.modulation] if full else [m for m in _MOD_PHRASES[spec.modulation] if m])
+    mod = f" {mod}" if mod and "modulation" in names else ""
     mix = ""
-    if spec.mix_kind is not None:
+    if spec.mix_kind is not None and "mix" in names:
         other = _article(_noun(rng, spec.mix_kind, spec.mix_value))
         mix = _pick(rng, (f", mixed with {other}", f" over {other}", f" together with {other}",
                           f" with {other} in the background"))
     adjs = (loud, dur) if rng.random() < 0.5 else (dur, loud)
+    adjs = [a for a in adjs if (a == loud and "loudness" in names) or (a == dur and "duration" in names)]
     shape = rng.integers(5)
-    if shape == 0:
-        return f"{_article(f'{adjs[0]} {adjs[1]} {noun}')}{mod}{mix}"
-    if shape == 1:
-        return f"{noun}{mod}, {adjs[0]} and {adjs[1]}{mix}"
-    if shape == 2:
-        return f"the sound of {_article(f'{adjs[0]} {noun}')}{mod} that is {adjs[1]}{mix}"
-    if shape == 3:
-        return f"{_article(f'{loud} sound')}: {_article(f'{dur} {noun}')}{mod}{mix}"
-    return f"you can hear {_article(f'{adjs[0]} {adjs[1]} {noun}')}{mod}{mix}"
+    if shape == 1 and adjs:
+        return f"{noun}{mod}, {' and '.join(adjs)}{mix}"
+    if shape == 2 and adjs:
+        return f"the sound of {_article(' '.join([adjs[0], noun]))}{mod}{''.join(f' that is {a}' for a in adjs[1:])}{mix}"
+    if shape == 3 and "loudness" in names and "kind" in names:
+        return f"{_article(f'{loud} sound')}: {_article(' '.join([*adjs[adjs.index(loud) + 1:], *adjs[:adjs.index(loud)], noun]))}{mod}{mix}"
+    if shape == 4:
+        return f"you can hear {_article(' '.join([*adjs, noun]))}{mod}{mix}"
+    return f"{_article(' '.join([*adjs, noun]))}{mod}{mix}"
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -499,13 +527,17 @@ def _kind_class(s: ClipSpec) -> int:
 
 def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: int = SAMPLE_RATE,
                       clip_samples: int = CLIP_SAMPLES, captions_per_clip: int = 5,
-                      frontend=None, mix_probability: float = MIX_PROBABILITY) -> SyntheticSet:
+                      frontend=None, mix_probability: float = MIX_PROBABILITY,
+                      partial_captions: float | None = None) -> SyntheticSet:
     """`n` clips of `split` ('train' or 'heldout'), deterministic in (seed, split, index).
 
     `frontend` (a FrontEndConfig) overrides `sample_rate` and `clip_samples`, so a shortened clip
     length in the model's front end gives matching clips. Each clip gets `captions_per_clip`
     differently worded captions (5 gives the Clotho/AudioCaps evaluation protocol).
     `mix_probability` is the share of clips with a background sound (0 makes the task easier).
+    `partial_captions` is the share of captions that name only one or two attributes (None: the
+    split's default, PARTIAL_CAPTION_PROBABILITY for 'train'; 'heldout' captions always name every
+    attribute, which is what makes its description groups, R@1 ceiling and attribute match exact).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
@@ -517,6 +549,13 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
             raise ValueError(f"synthetic_dataset: {name} must be a positive int, got {v!r}")
     if not 0.0 <= mix_probability <= 1.0:
         raise ValueError(f"synthetic_dataset: mix_probability must be in [0, 1], got {mix_probability}")
+    if partial_captions is None:
+        partial_captions = PARTIAL_CAPTION_PROBABILITY if split == "train" else 0.0
+    if not 0.0 <= partial_captions <= 1.0:
+        raise ValueError(f"synthetic_dataset: partial_captions must be in [0, 1], got {partial_captions}")
+    if split == "heldout" and partial_captions:
+        raise ValueError("synthetic_dataset: held-out captions name every attribute (its R@1 ceiling and "
+                         f"attribute match rely on it); got partial_captions={partial_captions}")
     if clip_samples < int(0.1 * sample_rate):
         raise ValueError(f"synthetic_dataset: clip_samples={clip_samples} is shorter than 0.1 s at {sample_rate} Hz")
     held = heldout_combinations()
@@ -527,7 +566,9 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
         spec = _draw_spec(rng, pool, clip_samples, sample_rate, mix_probability)
         crng = np.random.default_rng((seed, SPLITS[split], i, 1))
         specs.append(spec)
-        caps.append(tuple(caption(spec, crng) for _ in range(captions_per_clip)))
+        caps.append(tuple(caption(spec, crng, _partial_names(crng, spec) if partial_captions
+                                  and crng.random() < partial_captions else None)
+                          for _ in range(captions_per_clip)))
     return SyntheticSet(seed, split, n, sample_rate, clip_samples, captions_per_clip, tuple(specs), tuple(caps),
                         float(mix_probability))
 
