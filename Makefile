@@ -30,7 +30,7 @@ test: setup
 
 # the demo needs no system tools, only the venv
 demo: $(STAMP)
-	$(PY) -m clapjax.demo
+	$(PY) -m clapjax.app.demo
 
 # speed comparisons against the PyTorch reference (not part of the tests; see benchmarks/RESULTS.md);
 # `make bench BENCH_ARGS=--quick` is a few-minute smoke run

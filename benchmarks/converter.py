@@ -55,7 +55,7 @@ def hf_tiny_directory(path: str) -> int:
 
 
 def convert(src: str, out: str) -> dict:
-    cmd = [sys.executable, "-m", "clapjax.cli", "convert", src, out]
+    cmd = [sys.executable, "-m", "clapjax.app.cli", "convert", src, out]
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True,
                           env=common.subprocess_env(), timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -79,7 +79,7 @@ def inference(batch: int, repeats: int, smoke: bool) -> dict:
     import numpy as np
     from benchmarks import common
     from benchmarks.reference_models import random_model, tiny
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     from clapjax.model import CLAPConfig
     if smoke:
         clap = tiny(False).clapjax

@@ -79,7 +79,7 @@ def table(title: str, rows: list[tuple[str, float, float | None]]) -> str:
 def build(fusion: bool):
     from flax import nnx
 
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     from clapjax.convert import keymap as K, laion, torch_reference as R
     from clapjax.model import CLAPModel
     ref = R.laion_clap_model("HTSAT-tiny", "roberta", fusion=fusion)

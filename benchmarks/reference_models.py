@@ -20,7 +20,7 @@ def build(fusion: bool, text_layers: int) -> Trio:
     import torch
     from flax import nnx
 
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     from clapjax.convert import keymap as K, laion, torch_reference as R
     from clapjax.model import CLAPConfig, CLAPModel
 
@@ -46,7 +46,7 @@ def build(fusion: bool, text_layers: int) -> Trio:
 def tiny(fusion: bool) -> Trio:
     """Smoke runs: clapjax alone on the tiny config's model (1 s clips); laion_clap's HTSAT sizes are
     fixed by name, so there is no tiny reference to compare with."""
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     from clapjax.train import config as C
     cfg = C.load_config("tiny", [f"model.enable_fusion={fusion}"])
     model_cfg = C.model_config(cfg)

@@ -27,7 +27,7 @@ def child(ckpt: str, cache: str, spawn_wall: float) -> dict:
     t0 = time.perf_counter()
     import numpy as np
     import clapjax
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     t["imports_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     clap = CLAP.from_pretrained(ckpt, compilation_cache=cache)

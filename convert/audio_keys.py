@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from clapjax import saved_model
 from clapjax.audio import frontend as fe
 from clapjax.audio import swin
 from clapjax.audio.htsat import HTSAT
@@ -110,7 +111,7 @@ def _hf_key(key: str) -> str:
 
 def hf_absent_targets(model: HTSAT) -> set[str]:
     """Our variables that HF's `ClapAudioModel` has no tensor for (the SED head, when built)."""
-    return {t for t in keymap.target_variables(model) if t.split(".", 1)[0] in SED_HEAD}
+    return {t for t in saved_model.model_variables(model) if t.split(".", 1)[0] in SED_HEAD}
 
 
 def _keep_current(target: str, var) -> keymap.Entry:
@@ -149,6 +150,6 @@ def htsat_hf_table(model: HTSAT, *, keep_sed_head: bool = False) -> keymap.KeyTa
                                            m.group(2)))
     table = table.replace(qkv)
     if keep_sed_head and absent:
-        variables = keymap.target_variables(model)
+        variables = saved_model.model_variables(model)
         table = table + keymap.KeyTable([_keep_current(t, variables[t]) for t in sorted(absent)])
     return table

@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from clapjax.saved_model import SAVED, model_variables
+
 Array = np.ndarray
 StateDict = Mapping[str, Array]
 
@@ -104,25 +106,16 @@ _LEAF_RULES: dict[type, dict[str, tuple]] = {
     nnx.Embed: {"embedding": ("weight", *_COPY)},
 }
 
-LOADABLE = (nnx.Param, nnx.BatchStat)
-
-
 def _path_str(path: Sequence) -> str:
     return ".".join(str(p) for p in path)
 
 
-def target_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Dotted path → variable, for every loadable (Param / BatchStat) variable of `model`."""
-    return {_path_str(p): v for p, v in nnx.iter_graph(model)
-            if isinstance(v, LOADABLE) and v.get_value() is not None}
-
-
 def derive_entries(model: nnx.Module, rename: Callable[[str], str] = _identity) -> list[Entry]:
-    """One entry per loadable variable; `rename` maps the PyTorch-style key to the source key."""
+    """One entry per saved variable; `rename` maps the PyTorch-style key to the source key."""
     owners = {tuple(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
     entries = []
     for path, var in nnx.iter_graph(model):
-        if not isinstance(var, LOADABLE) or var.get_value() is None:
+        if not isinstance(var, SAVED) or var.get_value() is None:
             continue
         owner, leaf = owners.get(tuple(path[:-1])), path[-1]
         rule = next((r for t, r in _LEAF_RULES.items() if isinstance(owner, t)), None)
@@ -302,7 +295,7 @@ def match(state_dict: StateDict, table: KeyTable,
 
 def load_state_dict(model: nnx.Module, state_dict: StateDict, table: KeyTable) -> Report:
     """Fill `model` in place from `state_dict`, or raise `KeyMappingError` and change nothing."""
-    targets = target_variables(model)
+    targets = model_variables(model)
     rep, entries = match(state_dict, table, {k: tuple(v.shape) for k, v in targets.items()})
     if not rep.ok:
         raise KeyMappingError(rep)
@@ -312,7 +305,7 @@ def load_state_dict(model: nnx.Module, state_dict: StateDict, table: KeyTable) -
 
 def fill(model: nnx.Module, state_dict: StateDict, entries: Mapping[str, Entry]) -> None:
     """Write every variable of `model` from the entries a successful `match` returned."""
-    for k, var in target_variables(model).items():
+    for k, var in model_variables(model).items():
         e = entries[k]
         value = e.to_target(*[np.asarray(state_dict[s]) for s in e.sources])
         var.set_value(np.asarray(value, dtype=var.get_value().dtype))
@@ -320,7 +313,7 @@ def fill(model: nnx.Module, state_dict: StateDict, entries: Mapping[str, Entry])
 
 def export_state_dict(model: nnx.Module, table: KeyTable) -> dict[str, Array]:
     """The inverse: our variables written back under the source layout's keys."""
-    targets = target_variables(model)
+    targets = model_variables(model)
     missing = sorted(set(targets) - {e.target for e in table.entries})
     if missing:
         raise KeyError(f"variables with no table entry: {missing}")

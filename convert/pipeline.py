@@ -8,14 +8,11 @@ import os
 from typing import Callable
 
 import numpy as np
-from flax import nnx
 
-from clapjax.convert import checkpoint, hf, laion
+from clapjax import saved_model
+from clapjax.convert import hf, laion
 from clapjax.convert import keymap as K
-from clapjax.model import CLAPConfig, CLAPModel
-
-HF_CONFIG = "source_hf_config.json"
-
+from clapjax.model import CLAPConfig
 
 @dataclasses.dataclass
 class Source:
@@ -39,17 +36,12 @@ def read_source(src: str) -> Source:
     return Source("laion", laion.read_state_dict(src))
 
 
-def abstract_model(cfg: CLAPConfig) -> CLAPModel:
-    """The model with shapes and dtypes but no memory: conversion fills it tensor by tensor."""
-    return nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
-
-
 @functools.lru_cache(maxsize=16)
 def _plan(cfg: CLAPConfig, fmt: str) -> tuple[K.KeyTable, dict[str, tuple[int, ...]]]:
     """Key table and target shapes of a configuration (cached: checking needs no model of its own)."""
-    model = abstract_model(cfg)
+    model = saved_model.abstract_model(cfg)
     table = laion.laion_table(model) if fmt == "laion" else hf.hf_table(model)
-    return table, {k: tuple(v.shape) for k, v in K.target_variables(model).items()}
+    return table, {k: tuple(v.shape) for k, v in saved_model.model_variables(model).items()}
 
 
 def detect_config(src: Source, *, amodel=None, tmodel=None, fusion=None) -> CLAPConfig:
@@ -93,13 +85,11 @@ def convert_source(src: Source, out_dir: str, *, amodel=None, tmodel=None, fusio
     report, entries = K.match(src.state_dict, table, shapes)
     if not report.ok:  # checked on shapes alone, before any tensor is copied
         raise K.KeyMappingError(report)
-    model = abstract_model(cfg)  # a fresh one: the cached plan's entries are pure functions of the sources
+    model = saved_model.abstract_model(cfg)  # a fresh one: the cached plan's entries are pure functions of the sources
     K.fill(model, src.state_dict, entries)
     extras = {k: src.state_dict[k] for k in report.ignored}
-    checkpoint.save(out_dir, model, report=report, source_format=src.fmt, extras=extras)
-    if src.hf_config is not None:
-        with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-            f.write(src.hf_config.to_json_string())
+    saved_model.save(out_dir, model, report_json=report.to_json(), source_format=src.fmt, extras=extras,
+                     hf_config_json=None if src.hf_config is None else src.hf_config.to_json_string())
     return report
 
 
@@ -110,7 +100,7 @@ def export(ckpt_dir: str, to: str, dest: str) -> dict[str, np.ndarray]:
     if to not in ("laion", "hf"):
         raise ValueError(f"--to must be 'laion' or 'hf', got {to!r}")
     # everything that can refuse is checked before the model is restored
-    _, source = checkpoint.read_config(ckpt_dir)
+    _, source = saved_model.read_config(ckpt_dir)
     if to != source:
         raise ValueError(f"{ckpt_dir} was converted from the {source!r} layout; exporting it as {to} is not "
                          "supported (the layouts hold different heads: LAION's mlp-loss transforms and SED "
@@ -119,14 +109,14 @@ def export(ckpt_dir: str, to: str, dest: str) -> dict[str, np.ndarray]:
         raise FileExistsError(f"{dest} exists; choose a new file name")
     if to == "hf" and os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise FileExistsError(f"{dest} exists and is not an empty directory; choose a new directory")
-    model = checkpoint.restore(ckpt_dir)
+    model = saved_model.restore(ckpt_dir)
     table = laion.laion_table(model) if to == "laion" else hf.hf_table(model)
     sd = K.export_state_dict(model, table)
-    sd.update(checkpoint.read_extras(ckpt_dir))  # the source's buffers, verbatim
+    sd.update(saved_model.read_extras(ckpt_dir))  # the source's buffers, verbatim
     if to == "laion":
         _write_laion(sd, dest)
     else:
-        _write_hf(sd, dest, os.path.join(ckpt_dir, HF_CONFIG))
+        _write_hf(sd, dest, os.path.join(ckpt_dir, saved_model.HF_CONFIG))
     return sd
 
 

@@ -60,9 +60,9 @@ def _inputs(model: CLAPModel, seed: int = 0):
 def verify(src_path: str, ckpt_dir: str) -> Agreement:
     from flax import nnx
     from clapjax.audio import io as audio_io
-    from clapjax.convert import checkpoint
+    from clapjax import saved_model
     from clapjax.embedding import embedding_functions
-    model = checkpoint.restore(ckpt_dir)
+    model = saved_model.restore(ckpt_dir)
     cfg = model.config
     if cfg.tmodel != "roberta":
         raise NotImplementedError(f"--verify builds the reference for RoBERTa text towers; this model's is "

@@ -195,7 +195,7 @@ def write_small_checkpoint(directory, *, fusion: bool = False, seed: int = 0) ->
     """The tiny config's model (random weights) in the converter's format, under `directory`."""
     import jax
     from flax import nnx
-    from clapjax.convert import checkpoint
+    from clapjax import saved_model
     from clapjax.model import CLAPModel
     from clapjax.train import config as C
     cfg = C.model_config(C.load_config("tiny", ["model.enable_fusion=True"] if fusion else []))
@@ -203,7 +203,7 @@ def write_small_checkpoint(directory, *, fusion: bool = False, seed: int = 0) ->
     # one compiled initialiser instead of one small program per variable (eager init takes ~25 s)
     state = jax.jit(lambda: nnx.split(CLAPModel(cfg, nnx.Rngs(seed)))[1],
                     compiler_options={"xla_backend_optimization_level": 0})()
-    checkpoint.save(str(directory), nnx.merge(graphdef, state), source_format="clapjax-train")
+    saved_model.save(str(directory), nnx.merge(graphdef, state), source_format="clapjax-train")
     return str(directory)
 
 

@@ -9,7 +9,7 @@ import wave
 import numpy as np
 import pytest
 
-from clapjax import cli
+from clapjax.app import cli
 from clapjax.convert import pipeline
 from test_convert_hf_and_cli import hf_model, tok_dir  # noqa: F401  (tok_dir: a fixture)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clapjax.api import CLAP
+from clapjax.app.api import CLAP
 from reference import compare, randomize_batch_norms
 from clapjax.convert import pipeline
 from clapjax.tokenizer import train_byte_level_bpe
@@ -148,7 +148,7 @@ def test_zero_shot_without_labels_is_a_clear_error(hf_unfused, tok_dir, audio_fi
 def test_restore_onto_a_sharding(hf_unfused):
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from clapjax.convert import checkpoint, keymap as K
+    from clapjax import saved_model
     _, _, out = hf_unfused
     mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
 
@@ -158,8 +158,8 @@ def test_restore_onto_a_sharding(hf_unfused):
         if dims:
             spec[dims[0]] = "fsdp"
         return NamedSharding(mesh, P(*spec))
-    one = K.target_variables(checkpoint.restore(str(out)))
-    sharded = K.target_variables(checkpoint.restore(str(out), sharding=fsdp))
+    one = saved_model.model_variables(saved_model.restore(str(out)))
+    sharded = saved_model.model_variables(saved_model.restore(str(out), sharding=fsdp))
     kernel = sharded["text_branch.encoder.layer.0.intermediate.dense.kernel"].get_value()
     assert kernel.sharding.spec == P("fsdp", None) and len(kernel.addressable_shards) == 8
     assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 8, kernel.shape[1])

@@ -11,7 +11,7 @@ import torch
 
 import reference as ref
 from helpers import require_tools
-from clapjax.api import CLAP
+from clapjax.app.api import CLAP
 from clapjax.convert import keymap as K
 from clapjax.convert import pipeline
 from clapjax.tokenizer import Tokenizer, train_byte_level_bpe
@@ -23,7 +23,7 @@ CAPTIONS = ["a dog barks", "rain falls on a tin roof while thunder rolls far awa
 
 def run_cli(*args, check=True):
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "clapjax.cli", *map(str, args)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "clapjax.app.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"clapjax {args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import reference as ref
+from clapjax import saved_model
 from clapjax.convert import hf
 from clapjax.convert import keymap as K
 from clapjax.convert import pipeline, verify
@@ -24,7 +25,7 @@ from test_convert_laion import run_cli
 
 
 def nothing_written(out) -> bool:
-    """No output and no half-written temporary sibling (checkpoint.save writes beside it, then renames)."""
+    """No output and no half-written temporary sibling (saved_model.save writes beside it, then renames)."""
     return not os.path.exists(out) and not [p for p in os.listdir(os.path.dirname(out)) if p.startswith(".clapjax")]
 
 
@@ -323,7 +324,7 @@ def test_verify_fails_on_weights_tampered_after_the_key_check(capsys, hf_src, tm
 
     def fill_then_tamper(model, state_dict, entries):
         real_fill(model, state_dict, entries)
-        bias = K.target_variables(model)["text_projection.2.bias"]
+        bias = saved_model.model_variables(model)["text_projection.2.bias"]
         value = np.array(bias.get_value())
         value[0] += 0.1
         bias.set_value(value)

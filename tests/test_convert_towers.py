@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import reference as ref
-from clapjax.api import CLAP
-from clapjax.convert import checkpoint, pipeline
+from clapjax.app.api import CLAP
+from clapjax import saved_model
+from clapjax.convert import pipeline
 
 SR = 48000
 PAIRS = [("PANN-14", "roberta"), ("HTSAT-tiny", "bert"), ("HTSAT-tiny", "bart"), ("HTSAT-tiny", "transformer"),
@@ -104,7 +105,7 @@ def test_every_source_key_is_loaded_or_ignored_for_its_reason(converted):
     consumed, ignored = set(report["consumed"]), set(report["ignored"])
     assert consumed | ignored == keys and not consumed & ignored
     # every variable of the converted model is filled, each from its own source tensor
-    cfg, _ = checkpoint.read_config(str(c.out))
+    cfg, _ = saved_model.read_config(str(c.out))
     _, target_shapes = pipeline._plan(cfg, "laion")
     assert sorted(report["consumed"].values()) == sorted(target_shapes)
     # what is ignored is exactly what LAION's model does not train: its saved buffers but the BatchNorm

@@ -9,7 +9,7 @@ import sys
 def test_quick_demo_learns(tmp_path):
     workdir = tmp_path / "demo"
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "clapjax.demo", "--quick", "--skip-convert", "--workdir", str(workdir)],
+    proc = subprocess.run([sys.executable, "-m", "clapjax.app.demo", "--quick", "--skip-convert", "--workdir", str(workdir)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

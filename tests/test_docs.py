@@ -88,7 +88,7 @@ def test_page_runs(page, assets, tmp_path, capsys):
         for target in ("demo", "test"):
             proc = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr
-            assert ("clapjax.demo" if target == "demo" else "pytest") in proc.stdout, proc.stdout
+            assert ("clapjax.app.demo" if target == "demo" else "pytest") in proc.stdout, proc.stdout
     prepare(page, tmp_path, assets, todo)
     with D.Session(tmp_path, D.docs_env(REPO), timeout=540) as session:
         for block in todo:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from clapjax import layers as L
 from clapjax import text as T
-from clapjax.api import CLAP
+from clapjax.app.api import CLAP
 from clapjax.embedding import trimmed_text_length
 from clapjax.audio import swin
 from clapjax.audio.frontend import FrontEndConfig

@@ -60,17 +60,17 @@ def _setup(ckpt, *overrides):
 
 
 def test_init_checkpoint_loads_every_variable_and_takes_its_architecture(small, tmp_path):
-    from clapjax.convert import checkpoint
-    from clapjax.convert.keymap import target_variables
+    from clapjax import saved_model
+    from clapjax.saved_model import model_variables
     from clapjax.train import init_towers, step as S
     cfg, mc, setup = _setup(small, "model.dtype=bfloat16", "model.audio_overrides.drop_path_rate=0.0")
-    saved, _ = checkpoint.read_config(small)
+    saved, _ = saved_model.read_config(small)
     assert mc.audio.embed_dim == saved.audio.embed_dim == 8 and mc.joint_embed_shape == 16  # not the base config's
     assert mc.audio.dtype == mc.text.dtype == "bfloat16" and mc.audio.drop_path_rate == 0.0
     state = S.init_state(setup, cfg, mc, seed=123)
     lines = []
     state = init_towers.load_checkpoint(cfg, setup, state, log=lines.append)
-    want = {k: np.asarray(v.get_value()) for k, v in target_variables(checkpoint.restore(small)).items()}
+    want = {k: np.asarray(v.get_value()) for k, v in model_variables(saved_model.restore(small)).items()}
     got = {**state["params"], **state["batch_stats"]}
     assert set(want) <= set(got) and len(want) > 50
     for k, v in want.items():
@@ -78,44 +78,44 @@ def test_init_checkpoint_loads_every_variable_and_takes_its_architecture(small, 
     assert "every model variable" in lines[0]
     # exported again: the same variables, bit for bit
     init_towers.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
-    again = {k: np.asarray(v.get_value()) for k, v in target_variables(checkpoint.restore(str(tmp_path / "model"))).items()}
+    again = {k: np.asarray(v.get_value()) for k, v in model_variables(saved_model.restore(str(tmp_path / "model"))).items()}
     assert all(np.array_equal(again[k], want[k]) for k in want)
-    assert checkpoint.read_config(str(tmp_path / "model"))[1] == "clapjax-train"
+    assert saved_model.read_config(str(tmp_path / "model"))[1] == "clapjax-train"
 
 
 def test_export_carries_the_source_layout_and_its_buffers_over(small, tmp_path):
     """A model fine-tuned from a laion-clap conversion exports back as laion-clap: the layout name and the
     checked buffers (STFT kernels, position ids, …) of the starting checkpoint go with it."""
     import shutil
-    from clapjax.convert import checkpoint
+    from clapjax import saved_model
     from clapjax.train import init_towers, step as S
     src = tmp_path / "from-laion"
     shutil.copytree(small, src)
     meta = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**meta, "source_format": "laion"}))
     buffers = {"text_branch.embeddings.position_ids": np.arange(514)[None]}
-    np.savez(src / checkpoint.EXTRAS, **buffers)
+    np.savez(src / saved_model.EXTRAS, **buffers)
     cfg, mc, setup = _setup(str(src))
     state = S.init_state(setup, cfg, mc, seed=0)
     init_towers.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
-    assert checkpoint.read_config(str(tmp_path / "model"))[1] == "laion"
-    extras = checkpoint.read_extras(str(tmp_path / "model"))
+    assert saved_model.read_config(str(tmp_path / "model"))[1] == "laion"
+    extras = saved_model.read_extras(str(tmp_path / "model"))
     assert np.array_equal(extras["text_branch.embeddings.position_ids"], buffers["text_branch.embeddings.position_ids"])
 
 
 def _tamper(small, tmp_path, fn):
     """A copy of the checkpoint with its variables rewritten by `fn(flat dict)`."""
     import shutil
-    from clapjax.convert import checkpoint
-    from clapjax.convert.keymap import target_variables
-    flat = {k: np.asarray(v.get_value()) for k, v in target_variables(checkpoint.restore(small)).items()}
+    from clapjax import saved_model
+    from clapjax.saved_model import model_variables
+    flat = {k: np.asarray(v.get_value()) for k, v in model_variables(saved_model.restore(small)).items()}
     fn(flat)
     out = tmp_path / "tampered"
     shutil.copytree(small, out)
-    shutil.rmtree(out / checkpoint.VARIABLES)
+    shutil.rmtree(out / saved_model.VARIABLES)
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(str(out / checkpoint.VARIABLES), checkpoint._nested(flat))
+        ckpt.save(str(out / saved_model.VARIABLES), saved_model._nested(flat))
     return str(out)
 
 
@@ -126,11 +126,11 @@ def _tamper(small, tmp_path, fn):
 ])
 def test_init_checkpoint_that_does_not_fit_fails_naming_the_key(small, tmp_path, damage, named):
     """The check load_checkpoint makes first, from the Orbax metadata, before any value is read."""
-    from clapjax.convert import checkpoint, pipeline
-    from clapjax.convert.keymap import target_variables
+    from clapjax import saved_model
+    from clapjax.saved_model import model_variables
     from clapjax.train import init_towers
     bad = _tamper(small, tmp_path, damage)
-    expected = {k: v.shape for k, v in target_variables(pipeline.abstract_model(checkpoint.read_config(small)[0])).items()}
+    expected = {k: v.shape for k, v in model_variables(saved_model.abstract_model(saved_model.read_config(small)[0])).items()}
     init_towers.check_checkpoint(small, expected)  # the intact one fits
     with pytest.raises(ValueError, match="does not fit the model") as err:
         init_towers.check_checkpoint(bad, expected)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clapjax import saved_model
 from clapjax.audio import frontend as fe
 from clapjax.audio import swin
 from clapjax.audio.htsat import HTSAT, HTSATConfig
@@ -61,7 +62,7 @@ def _ours(config: HTSATConfig, state_dict, table_fn) -> HTSAT:
     """Our tower holding `state_dict`; built abstractly (no random init of up to 270M params)."""
     model = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
     keymap.load_state_dict(model, state_dict, table_fn(model))
-    for var in keymap.target_variables(model).values():
+    for var in saved_model.model_variables(model).values():
         var.set_value(jnp.asarray(var.get_value()))
     return model
 
@@ -253,7 +254,7 @@ def test_dropping_any_loaded_key_fails_naming_it(dropped_key):
 def test_laion_table_accounts_for_every_key():
     _, _, sd = _tiny()
     model = nnx.eval_shape(lambda: HTSAT(_tiny_config(), rngs=nnx.Rngs(0)))
-    targets = {k: tuple(v.shape) for k, v in keymap.target_variables(model).items()}
+    targets = {k: tuple(v.shape) for k, v in saved_model.model_variables(model).items()}
     rep, _ = keymap.match(sd, htsat_laion_table(model), targets)
     assert rep.ok and set(rep.consumed) | set(rep.ignored) == set(sd)
     ignored = sorted(rep.ignored)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from clapjax import cli
+from clapjax.app import cli
 from clapjax.train import distributed, launch
 
 from test_train_checkpoint import ROOT, STEPS, TIMEOUT, committed, logged_steps, metrics, run_overrides, train_env
@@ -181,7 +181,7 @@ def jax_cache(tmp_path_factory):
 
 
 def start_launch(workdir, cache, log_path) -> tuple[subprocess.Popen, object]:
-    cmd = [sys.executable, "-m", "clapjax.cli", "launch", "--local", "2", "--cpu-devices", "4", "--",
+    cmd = [sys.executable, "-m", "clapjax.app.cli", "launch", "--local", "2", "--cpu-devices", "4", "--",
            "tiny", "--workdir", str(workdir)] + run_overrides(cache)
     log = open(log_path, "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT), log

@@ -251,10 +251,10 @@ def test_eval_command_on_a_manifest(tmp_path, capsys):
     import json
     import soundfile as sf
     from clapjax import synthetic as S
-    from clapjax.convert import checkpoint
+    from clapjax import saved_model
     from clapjax.train import evaluate as E
     model = _tiny_model()
-    checkpoint.save(str(tmp_path / "ckpt"), model)
+    saved_model.save(str(tmp_path / "ckpt"), model)
     S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
     ds = S.synthetic_dataset(1, 6, "heldout", clip_samples=48000)
     rows = []

@@ -115,7 +115,7 @@ def jax_cache(tmp_path_factory):
     return str(path)
 
 
-def two_process_train(workdir, cache, port: int, entry=("-m", "clapjax.cli")) -> list[list[str]]:
+def two_process_train(workdir, cache, port: int, entry=("-m", "clapjax.app.cli")) -> list[list[str]]:
     """`clapjax train tiny` as processes 0 and 1 of a group, each with its half of every batch and
     the parameters FSDP-sharded over both."""
     return [[sys.executable, *entry, "train", "tiny", "--workdir", str(workdir)] + run_overrides(cache) + [

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clapjax import saved_model
 from clapjax.audio import frontend
 from clapjax.audio.pann import PANN, PANNConfig
 from clapjax.convert import keymap
@@ -55,7 +56,7 @@ def _ours_from(ref, config: PANNConfig) -> PANN:
     """Our tower holding `ref`'s weights; built abstractly (no random init of 80M params)."""
     model = nnx.eval_shape(lambda: PANN(config, rngs=nnx.Rngs(0)))
     keymap.load_state_dict(model, torch_state_dict(ref), pann_laion_table(model))
-    for var in keymap.target_variables(model).values():
+    for var in saved_model.model_variables(model).values():
         var.set_value(jnp.asarray(var.get_value()))
     return model
 
@@ -197,7 +198,7 @@ def test_fused_cnn14_training_batch_statistics(fused_pair, monkeypatch):
     ours = _with_config(ours0, cfg)
     got = _fused_train(ours, jnp.asarray(mel), jnp.asarray(longer), nnx.Rngs(0))
     _assert_close(_max_abs(got, want), "PANN-14 aff_2d training mode")
-    ours_vars = keymap.target_variables(ours)
+    ours_vars = saved_model.model_variables(ours)
     for path in ("mel_conv2d.1", "fusion_model.local_att.1", "fusion_model.global_att.2", "conv_block1.bn1"):
         np.testing.assert_allclose(np.asarray(ours_vars[f"{path}.mean"].get_value()),
                                    ref.get_submodule(path).running_mean.numpy(), atol=TOL, err_msg=path)
@@ -284,7 +285,7 @@ def test_key_table_is_strict(cnn6_pair):
     sd = torch_state_dict(ref)
     model = nnx.eval_shape(lambda: PANN(PANNConfig(model_name="Cnn6"), rngs=nnx.Rngs(0)))
     table = pann_laion_table(model)
-    rep, _ = keymap.match(sd, table, {k: tuple(v.shape) for k, v in keymap.target_variables(model).items()})
+    rep, _ = keymap.match(sd, table, {k: tuple(v.shape) for k, v in saved_model.model_variables(model).items()})
     assert rep.ok and len(rep.consumed) == 28
     assert set(rep.ignored) == {"spectrogram_extractor.stft.conv_real.weight",
                                 "spectrogram_extractor.stft.conv_imag.weight", "logmel_extractor.melW",

@@ -5,6 +5,7 @@ import torch
 from flax import nnx
 
 import reference as ref
+from clapjax import saved_model
 from clapjax import text as T
 from clapjax.convert import keymap as K
 from clapjax.convert import text_keys
@@ -76,7 +77,7 @@ def test_full_state_dict_loads_and_accounts_for_every_key(name):
 def test_dropping_any_key_fails_naming_it(name, key):
     tower, sd = CASES[name]
     table = text_keys.tower_table(tower)
-    before = {k: np.array(v.get_value()) for k, v in K.target_variables(tower).items()}
+    before = {k: np.array(v.get_value()) for k, v in saved_model.model_variables(tower).items()}
     broken = {k: v for k, v in sd.items() if k != key}
     if any(i.matches(key) for i in table.ignores):
         # recomputed buffers and the unused BART decoder may be absent (transformers >= 4.31 drops them)
@@ -85,7 +86,7 @@ def test_dropping_any_key_fails_naming_it(name, key):
     with pytest.raises(K.KeyMappingError) as err:
         K.load_state_dict(tower, broken, table)
     assert key in str(err.value)
-    after = {k: np.array(v.get_value()) for k, v in K.target_variables(tower).items()}
+    after = {k: np.array(v.get_value()) for k, v in saved_model.model_variables(tower).items()}
     assert all(np.array_equal(before[k], after[k]) for k in before), "a failed load changed the model"
 
 
@@ -131,6 +132,6 @@ def test_bart_ignores_decoder_with_reason():
 
 def test_every_parameter_has_logical_axes():
     for name, (tower, _) in CASES.items():
-        for path, var in K.target_variables(tower).items():
+        for path, var in saved_model.model_variables(tower).items():
             axes = var.get_metadata().get("logical_axes")
             assert axes is not None and len(axes) == var.get_value().ndim, (name, path, axes)

@@ -166,7 +166,7 @@ def test_codec_other_than_latin1_is_refused(tmp_path):
 
 
 def test_refusal_reaches_the_cli_as_a_clean_error(tmp_path, capsys):
-    from clapjax import cli
+    from clapjax.app import cli
     marker = tmp_path / "pwned"
     path = torch_zip(tmp_path / "evil.pt", gadgets(marker)["reduce to os.system"][1])
     assert cli.main(["convert", str(path), str(tmp_path / "out")]) == 2

@@ -114,7 +114,7 @@ def train_env(devices: int = 8, **extra) -> dict:
 
 
 def start_train(workdir, cache, extra=(), driver=None, env=None) -> subprocess.Popen:
-    entry = [sys.executable, driver] if driver else [sys.executable, "-m", "clapjax.cli"]
+    entry = [sys.executable, driver] if driver else [sys.executable, "-m", "clapjax.app.cli"]
     cmd = entry + ["train", "tiny", "--workdir", str(workdir)] + run_overrides(cache) + list(extra)
     return subprocess.Popen(cmd, cwd=ROOT, env=train_env(**(env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -198,7 +198,7 @@ async def slow_finalize(self, *args, **kwargs):
         time.sleep(600)          # the data are written, the step is not committed: kill -9 lands here
     return await original(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
-from clapjax.cli import main
+from clapjax.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -113,7 +113,7 @@ def failing_draw(self):
         raise OSError(f"injected: process {failing} cannot read its data")
     return draw(self)
 loop.RandomBatches.__next__ = failing_draw
-from clapjax.cli import main
+from clapjax.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -236,7 +236,7 @@ def _replace(dc, overrides: dict, where: str):
 
 def _checkpoint_model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
     import dataclasses
-    from clapjax.convert.checkpoint import read_config
+    from clapjax.saved_model import read_config
     m = cfg.model
     saved, _ = read_config(cfg.init.checkpoint)
     if m.tmodel != saved.tmodel:

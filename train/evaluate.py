@@ -284,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="per-clip crop seed")
     p.add_argument("--json", help="also write the metrics here")
     args = p.parse_args(argv)
-    from clapjax.convert import checkpoint
+    from clapjax import saved_model
     from clapjax.tokenizer import Tokenizer
-    model = checkpoint.restore(args.checkpoint)
+    model = saved_model.restore(args.checkpoint)
     fe = model.config.frontend
     tok = Tokenizer(args.tokenizer, kind=model.config.tmodel)
     es = eval_set_from_spec(args.data, fe.sample_rate, fe.clip_samples)

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
+from clapjax import saved_model
 from clapjax.audio.htsat import HTSAT
 from clapjax.convert import keymap as K
 from clapjax.model import CLAPModel
@@ -144,7 +145,7 @@ def audio_table(model: CLAPModel) -> K.KeyTable:
 
 
 def _shapes(model: nnx.Module, prefix: str) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in K.target_variables(model).items() if k.startswith(prefix + ".")}
+    return {k: tuple(v.shape) for k, v in saved_model.model_variables(model).items() if k.startswith(prefix + ".")}
 
 
 def load_pretrained(cfg, model: CLAPModel) -> tuple[dict[str, np.ndarray], list[TowerReport]]:
@@ -195,8 +196,7 @@ def _names(keys, limit: int = 10) -> str:
 
 def check_checkpoint(directory: str, expected: Mapping[str, tuple]) -> None:
     """Every expected variable present with its shape, nothing else; else ValueError naming the keys."""
-    from clapjax.convert import checkpoint
-    saved = checkpoint.saved_shapes(directory)
+    saved = saved_model.saved_shapes(directory)
     problems = []
     missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
     if missing:
@@ -214,15 +214,14 @@ def check_checkpoint(directory: str, expected: Mapping[str, tuple]) -> None:
 def load_checkpoint(cfg, setup, state: dict, log: Callable = print) -> dict:
     """The train state with every model variable taken from `cfg.init.checkpoint`, placed on its
     sharding (each process reads only its shards)."""
-    from clapjax.convert import checkpoint
     directory = cfg.init.checkpoint
     params, stats = dict(state["params"]), dict(state["batch_stats"])
     model_keys = {k: v.shape for k, v in {**setup.abstract["params"], **setup.abstract["batch_stats"]}.items()
                   if k in setup.template.params or k in setup.template.batch_stats}
     check_checkpoint(directory, model_keys)
     where = {**setup.shardings["params"], **setup.shardings["batch_stats"]}
-    model = checkpoint.restore(directory, sharding=lambda key, shape: where[key])
-    for key, var in K.target_variables(model).items():
+    model = saved_model.restore(directory, sharding=lambda key, shape: where[key])
+    for key, var in saved_model.model_variables(model).items():
         group = params if key in params else stats
         group[key] = var.get_value().astype(group[key].dtype)
     fresh = sorted(set(params) - set(model_keys))
@@ -239,8 +238,6 @@ def export_model(cfg, setup, state: dict, model_cfg, directory: str) -> None:
     import shutil
     import jax
     from jax.experimental import multihost_utils
-    from clapjax.convert import checkpoint
-    from clapjax.convert.pipeline import HF_CONFIG, abstract_model
 
     def host(x):
         return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
@@ -248,17 +245,17 @@ def export_model(cfg, setup, state: dict, model_cfg, directory: str) -> None:
               if k in setup.template.params or k in setup.template.batch_stats}
     if jax.process_index() != 0:
         return
-    model = abstract_model(model_cfg)
-    for key, var in K.target_variables(model).items():
+    model = saved_model.abstract_model(model_cfg)
+    for key, var in saved_model.model_variables(model).items():
         var.set_value(values[key])
     source, extras, hf_config = "clapjax-train", {}, None
     if cfg.init.get("checkpoint"):
         src = cfg.init.checkpoint
-        source = checkpoint.read_config(src)[1] or source
-        extras = checkpoint.read_extras(src)
-        hf_config = os.path.join(src, HF_CONFIG) if os.path.isfile(os.path.join(src, HF_CONFIG)) else None
-    if os.path.isfile(os.path.join(directory, checkpoint.CONFIG)):
+        source = saved_model.read_config(src)[1] or source
+        extras = saved_model.read_extras(src)
+        if os.path.isfile(os.path.join(src, saved_model.HF_CONFIG)):
+            with open(os.path.join(src, saved_model.HF_CONFIG)) as f:
+                hf_config = f.read()
+    if os.path.isfile(os.path.join(directory, saved_model.CONFIG)):
         shutil.rmtree(directory)  # an earlier export of this run (a finished run started again)
-    checkpoint.save(directory, model, source_format=source, extras=extras)
-    if hf_config:
-        shutil.copyfile(hf_config, os.path.join(directory, HF_CONFIG))
+    saved_model.save(directory, model, source_format=source, extras=extras, hf_config_json=hf_config)

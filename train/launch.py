@@ -313,7 +313,7 @@ def train_command(train_args: Sequence[str]) -> list[str]:
     if not args:
         raise ValueError("give the `clapjax train` arguments after `--`, e.g. "
                          "clapjax launch --local 2 -- tiny --workdir runs/local")
-    return [sys.executable, "-m", "clapjax.cli", "train"] + args
+    return [sys.executable, "-m", "clapjax.app.cli", "train"] + args
 
 
 class _NoticePortTaken:

@@ -54,9 +54,9 @@ class CLAP:
     def from_pretrained(cls, directory: str, tokenizer: str | Tokenizer | None = None, *, sharding=None,
                         compilation_cache: str | None = DEFAULT_CACHE, **kw) -> "CLAP":
         """A checkpoint written by `clapjax convert` (and optionally a local tokenizer directory)."""
-        from clapjax.convert import checkpoint
+        from clapjax import saved_model
         enable_compilation_cache(compilation_cache)
-        model = checkpoint.restore(directory, sharding)
+        model = saved_model.restore(directory, sharding)
         if isinstance(tokenizer, (str, os.PathLike)):
             kind = model.config.tmodel
             tokenizer = Tokenizer(tokenizer, kind=kind, max_length=getattr(model.config.text, "context_length", 77))

@@ -1,11 +1,15 @@
-"""A converted model on disk: an Orbax checkpoint of the variables plus JSON beside it.
+"""The saved-model format: an Orbax checkpoint of the variables plus JSON beside it.
 
     OUT_DIR/
       config.json       CLAPConfig.to_dict() + the source format
-      key_report.json   the converter's key accounting (consumed / ignored with reasons / …)
+      key_report.json   the converter's key accounting (consumed / ignored with reasons / …), when converted
       variables/        Orbax checkpoint: params and batch statistics, keyed by module path
       source_extras.npz the source tensors the model does not hold (ignored buffers), kept so that
                         exporting back to the same layout reproduces every tensor bit for bit
+      source_hf_config.json  the Hugging Face ClapConfig of an HF source, for exporting back to HF
+
+It is core: the converter writes it, the trainer exports into it, the inference API reads it, and
+none of those needs the others to do so.
 
 Writing goes to a temporary sibling directory that is renamed at the end: a failed conversion
 leaves nothing behind.
@@ -22,10 +26,22 @@ import jax
 import numpy as np
 from flax import nnx
 
-from clapjax.convert import keymap as K
 from clapjax.model import CLAPConfig, CLAPModel
 
 VARIABLES, CONFIG, REPORT, EXTRAS = "variables", "config.json", "key_report.json", "source_extras.npz"
+HF_CONFIG = "source_hf_config.json"
+SAVED = (nnx.Param, nnx.BatchStat)  # what a saved model holds: no RNG state, no caches
+
+
+def model_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Dotted path → variable, for every saved (Param / BatchStat) variable of `model`."""
+    return {".".join(str(p) for p in path): v for path, v in nnx.iter_graph(model)
+            if isinstance(v, SAVED) and v.get_value() is not None}
+
+
+def abstract_model(cfg: CLAPConfig) -> CLAPModel:
+    """The model with shapes and dtypes but no memory: conversion or restoring fills it."""
+    return nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
 
 
 def _nested(flat: dict[str, np.ndarray]) -> dict:
@@ -47,8 +63,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def save(out_dir: str, model: CLAPModel, *, report: K.Report | None = None, source_format: str = "",
-         extras: dict[str, np.ndarray] | None = None) -> None:
+def save(out_dir: str, model: CLAPModel, *, report_json: str | None = None, source_format: str = "",
+         extras: dict[str, np.ndarray] | None = None, hf_config_json: str | None = None) -> None:
+    """Write `model` to the new or empty `out_dir`, all at once (a failure leaves nothing behind)."""
     import orbax.checkpoint as ocp
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -57,14 +74,15 @@ def save(out_dir: str, model: CLAPModel, *, report: K.Report | None = None, sour
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".clapjax-convert-", dir=parent)
     try:
-        arrays = {k: np.asarray(v.get_value()) for k, v in K.target_variables(model).items()}
+        arrays = {k: np.asarray(v.get_value()) for k, v in model_variables(model).items()}
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(tmp, VARIABLES), _nested(arrays))
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump({"source_format": source_format, **model.config.to_dict()}, f, indent=2)
-        if report is not None:
-            with open(os.path.join(tmp, REPORT), "w") as f:
-                f.write(report.to_json())
+        for name, text in ((REPORT, report_json), (HF_CONFIG, hf_config_json)):
+            if text is not None:
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(text)
         np.savez(os.path.join(tmp, EXTRAS), **(extras or {}))
         if os.path.exists(out_dir):
             os.rmdir(out_dir)
@@ -115,8 +133,8 @@ def restore(directory: str, sharding: Sharding = None) -> CLAPModel:
     for every variable, or a function (dotted path, shape) → Sharding)."""
     import orbax.checkpoint as ocp
     cfg, _ = read_config(directory)
-    model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
-    targets = K.target_variables(model)
+    model = abstract_model(cfg)
+    targets = model_variables(model)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def place(key, var):

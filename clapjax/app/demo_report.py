@@ -1,4 +1,4 @@
-"""What `make demo` prints and draws after training (clapjax.demo runs it).
+"""What `make demo` prints and draws after training (clapjax.app.demo runs it).
 
 The report leads with the held-out figures a reader should judge the run by, each beside what it
 is compared with: retrieval both ways against chance and against its ceiling (many held-out clips
@@ -127,7 +127,7 @@ def top_captions_through_api(model_dir: str, tokenizer_dir: str, heldout, clips=
     """Embed held-out clips with `clapjax.CLAP` (the public API) and rank one caption per held-out
     combination for each; ✓ marks a caption that describes the clip exactly."""
     import clapjax
-    from clapjax.api import cosine_top_k
+    from clapjax.app.api import cosine_top_k
     clap = clapjax.CLAP.from_pretrained(model_dir, tokenizer=tokenizer_dir)
     groups = heldout.description_groups()
     first = {g: int(np.flatnonzero(groups == g)[0]) for g in np.unique(groups)}

@@ -43,7 +43,7 @@ def _embed_files(clap, paths: list[str], seed: int | None, chunk: int = 32) -> n
 
 
 def _load(args, need_tokenizer: bool = False):
-    from clapjax.api import CLAP
+    from clapjax.app.api import CLAP
     if need_tokenizer and not args.tokenizer:
         raise ValueError("this command needs --tokenizer DIR (vocab.json + merges.txt, or tokenizer.json)")
     return CLAP.from_pretrained(args.checkpoint, tokenizer=getattr(args, "tokenizer", None),
@@ -117,7 +117,7 @@ def _labels(args) -> list[str]:
 
 
 def cmd_zero_shot(args) -> int:
-    from clapjax.api import cosine_top_k
+    from clapjax.app.api import cosine_top_k
     labels = _labels(args)
     paths = audio_paths(args.inputs)
     clap = _load(args, need_tokenizer=True)
@@ -132,7 +132,7 @@ def cmd_zero_shot(args) -> int:
 
 
 def cmd_retrieve(args) -> int:
-    from clapjax.api import cosine_top_k
+    from clapjax.app.api import cosine_top_k
     if not os.path.isfile(args.embeddings):
         raise FileNotFoundError(f"{args.embeddings}: no such file (write it with `clapjax embed-audio`)")
     index = os.path.splitext(args.embeddings)[0] + ".paths.json"

@@ -5,7 +5,7 @@
    evaluating on the held-out split (attribute combinations never seen in training) as it goes;
 3. leads its report with held-out R@1 / R@5 / mAP@10 both ways against chance and against the R@1
    ceiling of the held-out set, attribute-match top-1, and zero-shot top-1 per attribute family
-   against chance (clapjax.demo_report); writes TensorBoard logs (`tb/`), PNG plots (`plots/`) and
+   against chance (clapjax.app.demo_report); writes TensorBoard logs (`tb/`), PNG plots (`plots/`) and
    the trained model (`model/`) to the work directory;
 4. loads that model with `clapjax.CLAP` as a user would and prints the top captions of a few
    held-out clips;
@@ -47,7 +47,7 @@ def convert_random_laion(tmp: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _prepare_env()
-    ap = argparse.ArgumentParser(prog="python -m clapjax.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m clapjax.app.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="runs/demo", help="logs, checkpoints, plots (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="the shortened run the test suite uses")
     ap.add_argument("--eval-every", type=int, default=0,
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"TensorBoard logs: {os.path.join(args.workdir, 'tb')}")
     model_dir = os.path.join(args.workdir, "model")
     # the trained model in the converter's format: `clapjax eval / zero-shot / …` and clapjax.CLAP read it
-    from clapjax.convert import checkpoint
-    checkpoint.save(model_dir, history[-1]["model"], source_format="clapjax-train")
+    from clapjax import saved_model
+    saved_model.save(model_dir, history[-1]["model"], source_format="clapjax-train")
     print(f"trained model: {model_dir} (try: clapjax eval {model_dir} synthetic:heldout --tokenizer {tok_dir})")
     with open(os.path.join(args.workdir, "heldout.json"), "w") as f:
         json.dump({"steps": summary["step"], "metrics": final.metrics, "chance": final.chance}, f, indent=2)
