@@ -30,8 +30,9 @@ HTSAT_SIZES = {96: ("tiny", (2, 2, 6, 2)), 128: ("base", (2, 2, 12, 2)), 256: ("
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-    """A LAION `.pt` → flat {key: array} without the `module.` prefix (code in the pickle never runs)."""
-    obj = load_torch_file(path)
+    """A LAION `.pt` → flat {key: array} without the `module.` prefix (code in the pickle never runs).
+    Only the state dict's storages are read: the optimizer state beside it is 2× the weights."""
+    obj = load_torch_file(path, entry="state_dict")
     return unwrap_state_dict(obj, str(path))
 
 

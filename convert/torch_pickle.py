@@ -8,6 +8,12 @@ released checkpoints contain — and refuses every other global by name (so a pi
 `os.system` fails before anything runs). Tensors come back as NumPy arrays; they may only view a
 storage read from the archive, with non-negative geometry that stays inside it. Whatever a damaged
 file raises comes back as a ValueError naming the file, never as a wrong tensor.
+
+LAION's training checkpoints hold the AdamW moments (2× the weights) beside the `state_dict`:
+`load_torch_file(path, entry="state_dict")` reads only the storage records reachable from that entry.
+The whole pickle is still unpickled (restricted, twice: once with no storage read, to find which
+records the entry's tensors view, once reading just those), and every storage's declared size and
+every tensor's geometry is still checked; only the other records' bytes are never read.
 """
 from __future__ import annotations
 
@@ -57,15 +63,30 @@ class _StorageType(_NoBuild):
 
 
 class _Storage(_NoBuild):
-    """A storage read from `data/<key>`: the only thing a tensor may view (an array the pickle built
-    itself could have any shape, and a view of it could reach past its memory)."""
-    __slots__ = ("array",)
+    """The storage record `data/<key>`: the only thing a tensor may view (an array the pickle built
+    itself could have any shape, and a view of it could reach past its memory). `array` is None
+    for a record this load does not read."""
+    __slots__ = ("key", "numel", "dtype", "array")
 
-    def __init__(self, array: np.ndarray):
-        self.array = array
+    def __init__(self, key, numel: int, dtype: np.dtype, array: np.ndarray | None):
+        self.key, self.numel, self.dtype, self.array = key, numel, dtype, array
 
     def __repr__(self):
-        return f"storage of {self.array.size} {self.array.dtype}"
+        return f"storage of {self.numel} {self.dtype}"
+
+
+class _UnreadTensor(_NoBuild):
+    """A tensor whose storage this load does not read: it stands in the parts of the pickle the
+    caller did not ask for, and marks, in the first pass, which records the asked-for part needs.
+    Unhashable, as the array it stands for is."""
+    __slots__ = ("storage",)
+    __hash__ = None
+
+    def __init__(self, storage: _Storage):
+        self.storage = storage
+
+    def __repr__(self):
+        return f"unread tensor of {self.storage!r}"
 
 
 class _Global(_NoBuild):
@@ -87,23 +108,24 @@ def _is_index_tuple(value) -> bool:
                                             for n in value)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+def _rebuild_tensor_v2(record, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     del requires_grad, hooks, metadata
-    if not isinstance(storage, _Storage):
-        raise ValueError(f"a tensor's storage is a {type(storage).__name__}, not a persistent storage record")
-    storage = storage.array
+    if not isinstance(record, _Storage):
+        raise ValueError(f"a tensor's storage is a {type(record).__name__}, not a persistent storage record")
     # negative strides or offsets would read outside the storage (torch refuses them too)
     if not (_is_index_tuple(size) and _is_index_tuple(stride) and len(size) == len(stride)
             and _is_index_tuple((offset,))):
         raise ValueError(f"tensor with offset {offset!r}, size {size!r}, stride {stride!r}: "
                          "expected non-negative integers and as many strides as dimensions")
-    itemsize = storage.dtype.itemsize
     if any(n == 0 for n in size):
-        return np.zeros(size, storage.dtype)
+        return np.zeros(size, record.dtype)
     extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
-    if extent > storage.size:
+    if extent > record.numel:
         raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reads past its storage "
-                         f"({storage.size} elements)")
+                         f"({record.numel} elements)")
+    if record.array is None:
+        return _UnreadTensor(record)
+    storage, itemsize = record.array, record.dtype.itemsize
     if not size:
         return np.array(storage[offset], dtype=storage.dtype)
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
@@ -157,9 +179,11 @@ _ALLOWED = {key: _Global(".".join(key), fn) if isinstance(fn, types.FunctionType
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, fh, archive: zipfile.ZipFile, prefix: str):
+    """`read`: the storage keys whose records are read (None: all of them)."""
+
+    def __init__(self, fh, archive: zipfile.ZipFile, prefix: str, read: set | None):
         super().__init__(fh)
-        self._archive, self._prefix, self._cache = archive, prefix, {}
+        self._archive, self._prefix, self._read, self._cache = archive, prefix, read, {}
 
     def find_class(self, module, name):
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -179,16 +203,60 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType):
             raise UnsafeCheckpointError(f"unsupported storage type {storage_type!r}")
         if key not in self._cache:
-            raw = self._archive.read(f"{self._prefix}data/{key}")
-            if len(raw) != numel * storage_type.dtype.itemsize:
-                raise ValueError(f"storage {key} holds {len(raw)} bytes, but the pickle declares {numel!r} "
-                                 f"elements of {storage_type!r}")
-            self._cache[key] = _Storage(np.frombuffer(raw, dtype=storage_type.dtype))
+            name = f"{self._prefix}data/{key}"
+            # the directory's size is checked for every record, read or not
+            _check_size(key, self._archive.getinfo(name).file_size, numel, storage_type)
+            array = None
+            if self._read is None or key in self._read:
+                raw = self._archive.read(name)
+                _check_size(key, len(raw), numel, storage_type)
+                array = np.frombuffer(raw, dtype=storage_type.dtype)
+            self._cache[key] = _Storage(key, numel, storage_type.dtype, array)
         return self._cache[key]
 
 
-def load_torch_file(path: str | os.PathLike):
-    """Unpickle a `torch.save` zip archive safely; tensors become NumPy arrays."""
+def _check_size(key, nbytes: int, numel, storage_type: _StorageType) -> None:
+    if not isinstance(numel, int) or nbytes != numel * storage_type.dtype.itemsize:
+        raise ValueError(f"storage {key} holds {nbytes} bytes, but the pickle declares {numel!r} "
+                         f"elements of {storage_type!r}")
+
+
+def _select(obj, entry: str | None):
+    """What `load_torch_file`'s `entry` asks for: the whole object, or the dict's `entry` when it has one."""
+    return obj[entry] if entry is not None and isinstance(obj, dict) and entry in obj else obj
+
+
+def _storage_keys_under(root) -> set:
+    """The storage keys of the unread tensors reachable from `root`, through every container the
+    restricted unpickler can build that can hold one: dict values, lists, tuples, an instance's
+    attributes (BUILD on an OrderedDict: `_metadata`), NumPy object arrays (dict keys and set
+    members are hashable, a tensor is not). Iterative (a deep or cyclic pickle is fine)."""
+    keys, seen, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _UnreadTensor):
+            keys.add(node.storage.key)
+            continue
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, np.ndarray) and node.dtype == object:
+            stack.extend(node.flat)
+        if not isinstance(node, type) and hasattr(node, "__dict__"):
+            stack.extend(vars(node).values())
+    return keys
+
+
+def load_torch_file(path: str | os.PathLike, entry: str | None = None):
+    """Unpickle a `torch.save` zip archive safely; tensors become NumPy arrays.
+
+    `entry` (e.g. "state_dict"): return only `obj[entry]` when the pickled object is a dict holding
+    it, reading only the storage records its tensors view (a file without it, a bare state dict,
+    comes back whole)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -211,8 +279,14 @@ def load_torch_file(path: str | os.PathLike):
         if order != b"little":
             raise ValueError(f"{path}: unknown byteorder record {order[:20]!r} (torch writes little or big)")
         pickled = _record(archive, pkl[0], path)
+
+        def unpickle(read: set | None):
+            return _select(_RestrictedUnpickler(io.BytesIO(pickled), archive, prefix, read).load(), entry)
         try:
-            return _RestrictedUnpickler(io.BytesIO(pickled), archive, prefix).load()
+            if entry is None:
+                return unpickle(read=None)
+            # a second pass over the same bytes builds the same objects, the needed records read
+            return unpickle(read=_storage_keys_under(unpickle(read=set())))
         except UnsafeCheckpointError as err:
             raise UnsafeCheckpointError(f"{path}: {err}") from None
         except Exception as err:  # whatever a damaged storage record or pickle raises: a clear error

@@ -1,6 +1,7 @@
 """The restricted unpickler behind `clapjax convert` (convert/torch_pickle.py): hostile pickles in a
 real torch.save zip layout are refused by name before anything runs, damaged files give a clear
 error instead of a wrong tensor, and what torch.save writes loads bit-identically to torch.load."""
+import collections
 import re
 import struct
 import subprocess
@@ -127,13 +128,16 @@ def test_gadgets_are_live(tmp_path):
         assert marker.exists(), case
 
 
+@pytest.mark.parametrize("entry", [None, "w"], ids=["whole", "entry"])
 @pytest.mark.parametrize("case", list(gadgets("m")))
-def test_hostile_pickle_is_refused_by_name(case, tmp_path):
+def test_hostile_pickle_is_refused_by_name(case, entry, tmp_path):
+    """Also when only an entry is asked for: the payload beside it ('after a real tensor': next to
+    entry 'w') is unpickled by the same restricted unpickler, never skipped or run."""
     marker = tmp_path / "pwned"
     name, blob = gadgets(marker)[case]
     path = torch_zip(tmp_path / "evil.pt", blob)
     with pytest.raises(UnsafeCheckpointError, match="refusing to load") as err:
-        load_torch_file(path)
+        load_torch_file(path, entry=entry)
     assert str(err.value).startswith(f"{path}: ") and f"references {name}," in str(err.value)
     assert not marker.exists()
 
@@ -387,3 +391,68 @@ def test_torch_save_files_load_bit_identically(tmp_path):
     _assert_same(ours, theirs)
     assert ours["tensors"]["bfloat16"].dtype == ml_dtypes.bfloat16 and ours["views"]["scalar"].shape == ()
     assert ours["views"]["cols"].flags.c_contiguous and not ours["views"]["t"].base is ours["views"]["base"]
+
+
+# --- one entry: only the storage records it needs are read ----------------------------------------
+
+def _release_shaped(tmp_path):
+    """A laion training checkpoint in small: `module.` keys, AdamW's state of one step (2× the
+    weights, LAION's scheduler's NumPy lr), epoch and name."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["lr"] = np.float64(1e-4)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    return _saved(tmp_path, {"epoch": 3, "name": "run", "state_dict": sd, "optimizer": opt.state_dict()}), sd
+
+
+def test_entry_reads_only_its_own_records(tmp_path, monkeypatch):
+    path, sd = _release_shaped(tmp_path)
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda zf, name, *a, **k: opened.append(
+        zf.getinfo(name) if isinstance(name, str) else name) or real_open(zf, name, *a, **k))
+    ours = load_torch_file(path, entry="state_dict")
+    with torch.serialization.safe_globals(NUMPY_GLOBALS + [type(np.dtype("f8"))]):
+        _assert_same(ours, torch.load(path, weights_only=True)["state_dict"])
+    read = [i for i in opened if "/data/" in i.filename]
+    assert sum(i.file_size for i in read) == sum(v.numel() * v.element_size() for v in sd.values())
+    assert len(read) == len(sd)
+    opened.clear()
+    whole = load_torch_file(path)
+    assert len([i for i in opened if "/data/" in i.filename]) > 2 * len(sd)  # the moments and steps too
+    _assert_same(ours, whole["state_dict"])
+    # a bare state dict has no such entry: it comes back whole
+    bare = _saved(tmp_path, sd, "bare.pt")
+    _assert_same(load_torch_file(bare, entry="state_dict"), load_torch_file(bare))
+
+
+def test_record_outside_the_entry_is_never_read(tmp_path):
+    """A damaged storage record beside the entry (its CRC no longer matches) fails the whole read,
+    and is not even opened when only the entry is asked for."""
+    outside = torch.arange(5, dtype=torch.float32) + 0.5
+    raw = _saved(tmp_path, {"state_dict": {"w": torch.ones(3)}, "optimizer": {"m": outside}}).read_bytes()
+    at = raw.index(outside.numpy().tobytes())
+    (tmp_path / "bad.pt").write_bytes(raw[:at] + b"\xa5" * 20 + raw[at + 20:])
+    with pytest.raises(ValueError, match="bad.pt: corrupt PyTorch checkpoint .*CRC"):
+        load_torch_file(tmp_path / "bad.pt")
+    assert load_torch_file(tmp_path / "bad.pt", entry="state_dict")["w"].tobytes() == np.ones(3, "f4").tobytes()
+
+
+def test_entry_tensors_are_found_in_every_container(tmp_path):
+    """Through tuples, lists, an instance attribute (what BUILD sets on an OrderedDict) and a NumPy
+    object array, each its own storage; and one storage shared with a tensor outside the entry."""
+    part = [torch.arange(2 * i, 2 * i + 2, dtype=torch.float32) for i in range(6)]  # 6 storages
+    outside = torch.arange(10, 14, dtype=torch.float32)
+    attr = collections.OrderedDict(a=part[0])
+    attr.extra = part[1]
+    inner = {"attr": attr, "pair": (part[2], [part[3]]), "objects": np.array([part[4], None], dtype=object),
+             "shared": outside[2:]}
+    path = _saved(tmp_path, {"e": inner, "outside": outside, "rest": part[5]})
+    ours = load_torch_file(path, entry="e")
+    got = [ours["attr"]["a"], ours["attr"].extra, ours["pair"][0], ours["pair"][1][0], ours["objects"][0],
+           ours["shared"]]
+    assert [type(g) for g in got] == [np.ndarray] * 6 and ours["objects"][1] is None
+    assert np.concatenate(got).tobytes() == np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13], np.float32).tobytes()
