@@ -1,7 +1,8 @@
 """The saved-model format: an Orbax checkpoint of the variables plus JSON beside it.
 
     OUT_DIR/
-      config.json       CLAPConfig.to_dict() + the source format
+      config.json       CLAPConfig.to_dict() + the source format [+ "provenance": where the source came
+                        from (repo, revision, file names and sha256), for a model from the conversion cache]
       key_report.json   the converter's key accounting (consumed / ignored with reasons / …), when converted
       variables/        Orbax checkpoint: params and batch statistics, keyed by module path
       source_extras.npz the source tensors the model does not hold (ignored buffers), kept so that
@@ -30,6 +31,7 @@ from clapjax.model import CLAPConfig, CLAPModel
 
 VARIABLES, CONFIG, REPORT, EXTRAS = "variables", "config.json", "key_report.json", "source_extras.npz"
 HF_CONFIG = "source_hf_config.json"
+PROVENANCE = "provenance"  # config.json's key for where the source came from
 SAVED = (nnx.Param, nnx.BatchStat)  # what a saved model holds: no RNG state, no caches
 
 
@@ -103,7 +105,30 @@ def read_config(directory: str) -> tuple[CLAPConfig, str]:
         raise ValueError(f"{directory}: {CONFIG} is not a clapjax checkpoint's config (a Hugging Face model "
                          "directory? convert it with `clapjax convert SRC OUT_DIR`)")
     source = d.pop("source_format")
+    d.pop(PROVENANCE, None)  # absent from models saved before it existed
     return CLAPConfig.from_dict(d), source
+
+
+def read_provenance(directory: str) -> dict | None:
+    """Where the model's source came from (see `set_provenance`), or None when that was not recorded."""
+    with open(os.path.join(directory, CONFIG)) as f:
+        return json.load(f).get(PROVENANCE)
+
+
+def set_provenance(directory: str, provenance: dict) -> None:
+    """Record in config.json where the source came from (the file is replaced whole, never half-written)."""
+    path = os.path.join(directory, CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    config[PROVENANCE] = provenance
+    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def read_extras(directory: str) -> dict[str, np.ndarray]:
