@@ -80,10 +80,12 @@ TINY_AUDIO = dict(depths=[1, 1, 1, 1], patch_embeds_hidden_size=16, hidden_size=
                   enable_fusion=False, model_type="clap_audio_model")
 
 
-def write_clap_repo_files(directory, tokenizer_dir: str, *, seed: int, bin_seed: int | None = None) -> dict:
+def write_clap_repo_files(directory, tokenizer_dir: str, *, seed: int, bin_seed: int | None = None,
+                          max_shard_size: str | None = None) -> dict:
     """A tiny ClapModel as the laion/clap-* repos hold it: config.json (the fields they set), model.safetensors
-    (and a pytorch_model.bin of `bin_seed`'s weights, when given), preprocessor_config.json and the
-    tokenizer files ClapProcessor's RobertaTokenizer saves. Returns {repo file name: path} and the model."""
+    (or, with `max_shard_size`, transformers' shards and their index; and a pytorch_model.bin of `bin_seed`'s
+    weights, when given), preprocessor_config.json and the tokenizer files ClapProcessor's RobertaTokenizer
+    saves. Returns {repo file name: path} and the model."""
     import torch
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
     os.makedirs(directory, exist_ok=True)
@@ -100,8 +102,8 @@ def write_clap_repo_files(directory, tokenizer_dir: str, *, seed: int, bin_seed:
         return ClapModel(ClapConfig.from_json_file(files["config.json"])).eval()
     weights = os.path.join(directory, "weights")
     clap = model(seed)
-    clap.save_pretrained(weights, safe_serialization=True)
-    files["model.safetensors"] = os.path.join(weights, "model.safetensors")
+    clap.save_pretrained(weights, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    files.update({n: os.path.join(weights, n) for n in os.listdir(weights) if "safetensors" in n})
     if bin_seed is not None:
         files["pytorch_model.bin"] = os.path.join(directory, "pytorch_model.bin")
         torch.save(model(bin_seed).state_dict(), files["pytorch_model.bin"])

@@ -177,6 +177,17 @@ def test_laion_release_name_to_laions_text_embeddings(laion_release, text_tower_
     assert max_abs <= MAX_ABS and cos >= MIN_COS
 
 
+def test_sharded_repo_fetches_the_index_and_its_shards(hub_root, bpe_dir, tmp_path):
+    files, _ = hub_cache.write_clap_repo_files(tmp_path / "src", bpe_dir, seed=4, max_shard_size="1MB")
+    shards = sorted(n for n in files if n.startswith("model-") and n.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    commit = hub_cache.add_commit(hub_root, "laion/larger_clap_general", files)
+    located = hub.locate("laion/larger_clap_general")
+    assert located.revision == commit and {"model.safetensors.index.json", *shards} <= set(located.files)
+    assert [os.path.basename(f) for f in conversion_cache.source_files(located.path)] == \
+        ["config.json", "model.safetensors.index.json", *shards]
+
+
 def test_what_is_not_cached_is_one_message_naming_repo_file_and_remedy(clap_repo, hub_root, tmp_path):
     with pytest.raises(hub.NotInCache) as err:
         pretrained.find("laion/larger_clap_music", conversion_cache_dir=tmp_path)
