@@ -33,15 +33,16 @@ COMPLETE_TOKENIZERS = (("tokenizer.json", "tokenizer_config.json"), ("vocab.json
 class NotInCache(FileNotFoundError):
     """Files that are neither in the local Hub cache nor reachable (offline, or no network)."""
 
-    def __init__(self, repo_id: str, files, revision: str | None, name: str | None = None):
+    def __init__(self, repo_id: str, files, revision: str | None, name: str | None = None, note: str = ""):
         self.repo_id, self.files, self.revision = repo_id, tuple(files), revision
         at = f" at revision {revision}" if revision else ""
         which = " / ".join(self.files)
+        hf_cli = f"hf download {repo_id}" + (f" {self.files[0]}" if len(self.files) == 1 else "")
         super().__init__(
             f"{which} of the Hugging Face repo {repo_id}{at} is not in the local Hub cache and cannot be downloaded "
             f"(HF_HUB_OFFLINE=1, or no network). Get it on a machine with network with "
-            f"`clapjax download {name or repo_id}` (or `hf download {repo_id}`) and copy its Hub cache "
-            "(HF_HUB_CACHE, default ~/.cache/huggingface/hub) here")
+            f"`clapjax download {name or repo_id}` (or `{hf_cli}`) and copy its Hub cache "
+            f"(HF_HUB_CACHE, default ~/.cache/huggingface/hub) here{note}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,11 @@ def _commit_of(path: str) -> str:
 
 
 def _locate_model_repo(repo_id: str, revision: str | None, cache_dir: str | None) -> Located:
-    config = fetch(repo_id, CONFIG, revision=revision, cache_dir=cache_dir)
+    try:
+        config = fetch(repo_id, CONFIG, revision=revision, cache_dir=cache_dir)
+    except NotInCache as err:  # the name may as well be a mistyped path
+        raise NotInCache(repo_id, err.files, revision,
+                         note=f" (nor is there a local file or directory named {repo_id!r})") from None
     if config is None:
         raise FileNotFoundError(f"the Hugging Face repo {repo_id} has no {CONFIG}: not a transformers ClapModel repo")
     with open(config) as f:

@@ -194,6 +194,7 @@ def test_what_is_not_cached_is_one_message_naming_repo_file_and_remedy(clap_repo
     message = str(err.value)
     assert "laion/larger_clap_music" in message and "config.json" in message
     assert "`clapjax download laion/larger_clap_music`" in message and "HF_HUB_OFFLINE" in message
+    assert "nor is there a local file or directory named 'laion/larger_clap_music'" in message
     with pytest.raises(hub.NotInCache, match=r"music_speech_epoch_15_esc_89\.25\.pt of the Hugging Face repo "
                                              r"lukewys/laion_clap .*`clapjax download music_speech_epoch_15_esc_89\.25`"):
         pretrained.find("music_speech_epoch_15_esc_89.25", conversion_cache_dir=tmp_path)
