@@ -396,16 +396,20 @@ def test_torch_save_files_load_bit_identically(tmp_path):
 # --- one entry: only the storage records it needs are read ----------------------------------------
 
 def _release_shaped(tmp_path):
-    """A laion training checkpoint in small: `module.` keys, AdamW's state of one step (2× the
-    weights, LAION's scheduler's NumPy lr), epoch and name."""
+    """A laion training checkpoint in small: `module.` keys, epoch and name, and an optimizer entry
+    in the layout torch.optim.AdamW.state_dict() writes after a step (2× the weights; LAION's
+    scheduler's NumPy lr). Built by hand: constructing a torch optimizer imports torch._dynamo (seconds)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, 3)).sum().backward()
-    opt.step()
-    opt.param_groups[0]["lr"] = np.float64(1e-4)
+    params = list(model.parameters())
+    state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+             for i, p in enumerate(params)}
+    group = {"lr": np.float64(5e-5), "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+             "foreach": None, "maximize": False, "capturable": False, "differentiable": False, "fused": None,
+             "params": list(range(len(params)))}
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
-    return _saved(tmp_path, {"epoch": 3, "name": "run", "state_dict": sd, "optimizer": opt.state_dict()}), sd
+    optimizer = {"state": state, "param_groups": [group]}
+    return _saved(tmp_path, {"epoch": 3, "name": "run", "state_dict": sd, "optimizer": optimizer}), sd
 
 
 def test_entry_reads_only_its_own_records(tmp_path, monkeypatch):
