@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import jax
-    from clapjax import demo_report, synthetic
+    from clapjax import synthetic
+    from clapjax.app import demo_report
     from clapjax.train import config as config_lib, evaluate, loop
     t0 = time.time()
     if os.path.isdir(args.workdir):
