@@ -79,6 +79,8 @@ def convert(src_path: str, out_dir: str, *, amodel=None, tmodel=None, fusion=Non
 
 def convert_source(src: Source, out_dir: str, *, amodel=None, tmodel=None, fusion=None,
                    log: Callable[[str], None] = print) -> K.Report:
+    """Convert or raise. Once its tensors are copied into the model, `src` lets go of its state dict
+    (a Source is converted once), so the weights are not held twice while the model is saved."""
     cfg = detect_config(src, amodel=amodel, tmodel=tmodel, fusion=fusion)
     log(describe(cfg, src.fmt))
     table, shapes = _plan(cfg, src.fmt)
@@ -88,6 +90,7 @@ def convert_source(src: Source, out_dir: str, *, amodel=None, tmodel=None, fusio
     model = saved_model.abstract_model(cfg)  # a fresh one: the cached plan's entries are pure functions of the sources
     K.fill(model, src.state_dict, entries)
     extras = {k: src.state_dict[k] for k in report.ignored}
+    src.state_dict = {}
     saved_model.save(out_dir, model, report_json=report.to_json(), source_format=src.fmt, extras=extras,
                      hf_config_json=None if src.hf_config is None else src.hf_config.to_json_string())
     return report

@@ -94,3 +94,44 @@ def test_importing_a_layer_loads_nothing_above_it():
                               capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], f"importing {layer} loaded {proc.stdout}"
+
+
+def _defined(path: str) -> set[str]:
+    """Top-level names a module defines or imports."""
+    names = set()
+    for node in ast.parse(open(path).read(), path).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_clapjax_import_names_something_that_exists():
+    """Static: a moved module or name leaves no import behind, not even one inside a function that
+    only a rarely run path reaches (tests, benchmarks and the facade included)."""
+    known = {}
+    for layer in FOLDERS:
+        known.update(_modules(layer))
+    app = os.path.join(ROOT, "clapjax", "app")
+    known.update({"clapjax.app" + ("" if f == "__init__.py" else "." + f[:-3]): os.path.join(app, f)
+                  for f in os.listdir(app) if f.endswith(".py")})
+    files = list(known.values())
+    for folder in ("tests", "benchmarks"):
+        for dirpath, _, filenames in os.walk(os.path.join(ROOT, folder)):
+            files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    bad = []
+    for path in files:
+        for line, module, names in _imports(path):
+            if not _inside(module, "clapjax"):
+                continue
+            where = f"{os.path.relpath(path, ROOT)}:{line}"
+            if module not in known:
+                bad.append(f"{where}: no module {module}")
+                continue
+            bad += [f"{where}: {module} has no {n}" for n in names
+                    if f"{module}.{n}" not in known and n not in _defined(known[module]) and n != "*"]
+    assert not bad, "\n".join(bad)
