@@ -1,7 +1,12 @@
 """Test access to the PyTorch reference builders (they live in the package for `convert --verify`),
-and what the end-to-end conversion tests share: LAION-style checkpoint files and the embedding bound."""
+the audio-tower helpers the HTSAT and PANN parity tests share (LAION's tower, its log-mel, ours holding its
+weights), and what the end-to-end conversion tests share: LAION-style checkpoint files and the embedding bound."""
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from clapjax import saved_model
+from clapjax.convert import keymap
 from clapjax.convert.torch_reference import (BART_BASE, BERT_BASE, ROBERTA_BASE, install_torchvision_stub,  # noqa: F401
                                              laion_clap, laion_clap_model, laion_model_cfg, offline_roberta,
                                              offline_text_towers, randomize_batch_norms, torch_state_dict)
@@ -37,3 +42,36 @@ def compare(ours, theirs):
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     return float(np.abs(ours - theirs).max()), float(cos.min())
+
+
+# --- audio towers (tests/test_htsat.py, tests/test_pann.py) ------------------------------------------
+
+def laion_audio_tower(amodel: str, fusion: bool = False, seed: int = 0):
+    """LAION's audio tower of `amodel` ('HTSAT-tiny', 'PANN-14', …) as CLAP builds it: random init after
+    `torch.manual_seed(seed)`, eval mode, aff_2d fusion when `fusion`."""
+    import torch
+    laion_clap()
+    from laion_clap.clap_module.htsat import create_htsat_model
+    from laion_clap.clap_module.model import CLAPAudioCfp
+    from laion_clap.clap_module.pann_model import create_pann_model
+    cfg = laion_model_cfg(amodel)["audio_cfg"]
+    create = create_htsat_model if cfg["model_type"] == "HTSAT" else create_pann_model
+    torch.manual_seed(seed)
+    return create(CLAPAudioCfp(**cfg), fusion, "aff_2d" if fusion else "None").eval()
+
+
+def laion_log_mel(ref, waveforms: np.ndarray) -> np.ndarray:
+    """(B, T, mel_bins) log-mel of LAION tower `ref`'s own front end (torchlibrosa)."""
+    import torch
+    with torch.no_grad():
+        return ref.logmel_extractor(ref.spectrogram_extractor(torch.from_numpy(waveforms)))[:, 0].numpy()
+
+
+def tower_holding(build, state_dict: dict, table_fn):
+    """Our tower `build()` makes, built abstractly (no random init of up to 270M parameters), holding
+    `state_dict` through the key table `table_fn(model)`."""
+    model = nnx.eval_shape(build)
+    keymap.load_state_dict(model, state_dict, table_fn(model))
+    for var in saved_model.model_variables(model).values():
+        var.set_value(jnp.asarray(var.get_value()))
+    return model

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clapjax import layers as L
 from clapjax import saved_model
 from clapjax.audio import frontend as fe
 from clapjax.audio import swin
@@ -24,7 +25,8 @@ from clapjax.audio.htsat import HTSAT, HTSATConfig
 from clapjax.convert import keymap
 from clapjax.convert.audio_keys import hf_absent_targets, htsat_hf_table, htsat_laion_table
 from helpers import TOL
-from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
+from reference import (laion_audio_tower, laion_clap, laion_log_mel, laion_model_cfg, randomize_batch_norms,
+                       torch_state_dict, tower_holding)
 
 torch = pytest.importorskip("torch")
 B = 3
@@ -32,15 +34,6 @@ LONGER = np.array([True, False, True])  # a mixed batch
 
 
 # --- builders -----------------------------------------------------------------------------------
-
-def _laion_htsat(size: str = "tiny", fusion: bool = False, seed: int = 0):
-    laion_clap()
-    from laion_clap.clap_module.htsat import create_htsat_model
-    from laion_clap.clap_module.model import CLAPAudioCfp
-    torch.manual_seed(seed)
-    cfg = CLAPAudioCfp(**laion_model_cfg(f"HTSAT-{size}")["audio_cfg"])
-    return create_htsat_model(cfg, fusion, "aff_2d" if fusion else "None").eval()
-
 
 def _randomize(ref, mel: np.ndarray, seed: int = 1) -> None:
     """Non-trivial norms, biases and BN statistics; bn0's running stats are `mel`'s per-bin moments."""
@@ -59,17 +52,12 @@ def _randomize(ref, mel: np.ndarray, seed: int = 1) -> None:
 
 
 def _ours(config: HTSATConfig, state_dict, table_fn) -> HTSAT:
-    """Our tower holding `state_dict`; built abstractly (no random init of up to 270M params)."""
-    model = nnx.eval_shape(lambda: HTSAT(config, rngs=nnx.Rngs(0)))
-    keymap.load_state_dict(model, state_dict, table_fn(model))
-    for var in saved_model.model_variables(model).values():
-        var.set_value(jnp.asarray(var.get_value()))
-    return model
+    return tower_holding(lambda: HTSAT(config, rngs=nnx.Rngs(0)), state_dict, table_fn)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(graphdef, state, inputs):
-    return nnx.merge(graphdef, state)(**inputs)
+    return nnx.merge(graphdef, state)(inputs)
 
 
 def _run(model: HTSAT, **inputs) -> dict[str, np.ndarray]:
@@ -84,11 +72,6 @@ def _waveforms(batch: int, seed: int) -> np.ndarray:
     tones = sum(np.sin(2 * np.pi * rng.uniform(100, 8000, (batch, 1)) * t) * rng.uniform(0.05, 0.3, (batch, 1))
                 for _ in range(3))
     return (tones + 0.05 * rng.standard_normal((batch, 480000))).astype(np.float32)
-
-
-def _laion_logmel(ref, wav: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return ref.logmel_extractor(ref.spectrogram_extractor(torch.from_numpy(wav)))[:, 0].numpy()
 
 
 def _mel_fusion(batch: int, seed: int) -> np.ndarray:
@@ -110,9 +93,9 @@ def _report(label: str, **errs: float) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _tiny():
-    ref = _laion_htsat("tiny", False)
+    ref = laion_audio_tower("HTSAT-tiny", False)
     wav = _waveforms(B, seed=0)
-    _randomize(ref, _laion_logmel(ref, wav))
+    _randomize(ref, laion_log_mel(ref, wav))
     return ref, wav, torch_state_dict(ref)
 
 
@@ -150,7 +133,7 @@ def _compare_laion(ref, ours, label, **inputs):
         "mel_fusion": torch.from_numpy(inputs["mel_fusion"]), "longer": torch.from_numpy(inputs["longer"])[:, None]}
     if "waveform" in inputs:
         mel = np.array(fe.log_mel(jnp.asarray(inputs["waveform"]), ours.cfg.frontend, "slaney"))  # writable for torch
-        want_mel = _laion_logmel(ref, inputs["waveform"])
+        want_mel = laion_log_mel(ref, inputs["waveform"])
         assert _max_abs(mel, want_mel) <= 1e-3, "front ends disagree beyond the fp32 STFT floor"
         ref.logmel_extractor.forward = lambda _spec: torch.from_numpy(mel)[:, None]
     try:
@@ -176,7 +159,7 @@ def test_tiny_unfused_matches_laion():
 
 def test_tiny_aff2d_mixed_batch_matches_laion():
     mel = _mel_fusion(B, seed=1)
-    ref = _laion_htsat("tiny", True)
+    ref = laion_audio_tower("HTSAT-tiny", True)
     _randomize(ref, mel)
     ours = _ours(_tiny_config(enable_fusion=True, fusion_type="aff_2d"), torch_state_dict(ref), htsat_laion_table)
     mixed = _compare_laion(ref, ours, "LAION tiny aff_2d, longer=[T,F,T]", mel_fusion=mel, longer=LONGER)
@@ -188,9 +171,9 @@ def test_tiny_aff2d_mixed_batch_matches_laion():
 
 @pytest.mark.parametrize("size", ["base", "large"])
 def test_base_and_large_unfused_match_laion(size):
-    ref = _laion_htsat(size, False)
+    ref = laion_audio_tower(f"HTSAT-{size}", False)
     wav = _waveforms(2, seed=2)
-    _randomize(ref, _laion_logmel(ref, wav))
+    _randomize(ref, laion_log_mel(ref, wav))
     config = HTSATConfig.from_laion(laion_model_cfg(f"HTSAT-{size}")["audio_cfg"])
     assert config == getattr(HTSATConfig, size)(num_classes=527)
     ours = _ours(config, torch_state_dict(ref), htsat_laion_table)
@@ -356,30 +339,33 @@ def test_config_variants_and_json_round_trip():
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4))
 
 
-def _small(abstract: bool = False, **kw) -> HTSAT:
+def _small(abstract: bool = False, *, prec: L.Precision = L.Precision(), remat: bool = False, **kw) -> HTSAT:
     def build():
-        return HTSAT(HTSATConfig.tiny(**{**SMALL, **kw}), rngs=nnx.Rngs(0))
+        return HTSAT(HTSATConfig.tiny(**{**SMALL, **kw}), rngs=nnx.Rngs(0), prec=prec, remat=remat)
     return nnx.eval_shape(build) if abstract else build()
 
 
 @nnx.jit(static_argnames="deterministic")
 def _call(model, inputs, rngs=None, deterministic=True):
-    return model(**inputs, deterministic=deterministic, rngs=rngs)
+    return model(inputs, deterministic=deterministic, rngs=rngs)
 
 
 def test_bad_inputs_are_refused():
     model = _small(abstract=True)  # every refusal happens before any compute
     with pytest.raises(ValueError, match="needs rngs"):
-        model(_waveforms(1, 0), deterministic=False)
+        model({"waveform": _waveforms(1, 0)}, deterministic=False)
     with pytest.raises(ValueError, match="waveform"):
-        model(None)
+        model({})
+    with pytest.raises(TypeError, match="mapping"):
+        model(_waveforms(1, 0))
     with pytest.raises(ValueError, match="only for a fused"):
-        model(_waveforms(1, 0), mel_fusion=np.zeros((1, 4, 1001, 64), np.float32), longer=np.ones(1, bool))
+        model({"waveform": _waveforms(1, 0), "mel_fusion": np.zeros((1, 4, 1001, 64), np.float32),
+               "longer": np.ones(1, bool)})
     fused = _small(abstract=True, enable_fusion=True, fusion_type="aff_2d")
     with pytest.raises(ValueError, match="mel_fusion"):
-        fused(_waveforms(1, 0))
+        fused({"waveform": _waveforms(1, 0)})
     with pytest.raises(ValueError, match="one flag per row"):
-        fused(mel_fusion=np.zeros((2, 4, 1001, 64), np.float32), longer=np.ones(3, bool))
+        fused({"mel_fusion": np.zeros((2, 4, 1001, 64), np.float32), "longer": np.ones(3, bool)})
 
 
 def test_spec_augment_stripes():
@@ -454,7 +440,7 @@ def test_fused_train_mode_matches_laion_batch_statistics():
     """Training-mode BatchNorms (bn0 over all rows, AFF over the single longer row) against LAION."""
     mel = _mel_fusion(3, seed=7)
     longer = np.array([False, True, False])  # one longer row: LAION's duplicate-the-row path
-    ref = _laion_htsat("tiny", True)
+    ref = laion_audio_tower("HTSAT-tiny", True)
     _randomize(ref, mel)
     config = _tiny_config(enable_fusion=True, fusion_type="aff_2d", spec_augment=False, drop_path_rate=0.0)
     ours = _ours(config, torch_state_dict(ref), htsat_laion_table)
@@ -466,7 +452,7 @@ def test_fused_train_mode_matches_laion_batch_statistics():
     with torch.no_grad():
         want = ref({"mel_fusion": torch.from_numpy(mel), "longer": torch.from_numpy(longer)[:, None],
                     "waveform": torch.zeros(3, 480000)}, device="cpu")
-    got = nnx.jit(lambda m, x, lg: m(mel_fusion=x, longer=lg, deterministic=False, rngs=nnx.Rngs(0)))(
+    got = nnx.jit(lambda m, x, lg: m({"mel_fusion": x, "longer": lg}, deterministic=False, rngs=nnx.Rngs(0)))(
         ours, mel, longer)
     errs = {k: _max_abs(got[k], want[k].numpy()) for k in ("embedding", "clipwise_output")}
     errs["bn0.running_mean"] = _max_abs(ours.bn0.mean[...], ref.bn0.running_mean.numpy())
@@ -478,7 +464,7 @@ def test_fused_train_mode_matches_laion_batch_statistics():
 
 def test_bf16_compute_keeps_f32_params():
     inputs = {"waveform": _waveforms(1, 8)}
-    model = _small(dtype="bfloat16")
+    model = _small(prec=L.Precision(jnp.bfloat16))
     out = _call(model, inputs)["embedding"]
     assert out.dtype == jnp.bfloat16
     assert model.layers[0].blocks[0].attn.qkv.kernel[...].dtype == jnp.float32

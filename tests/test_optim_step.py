@@ -49,8 +49,9 @@ def test_config_files_overrides_and_json(tmp_path):
     assert C.load_config(f"{own}:5").seed == 5
     full = C.model_config(C.load_config("htsat_roberta", ["model.dtype=bfloat16", "model.remat=True"]))
     assert full.audio.embed_dim == 96 and full.text.hidden_size == 768
-    assert full.audio.dtype == full.text.dtype == "bfloat16" and full.audio.param_dtype == "float32"
-    assert full.audio.remat and full.text.remat
+    p = full.precision
+    assert p.audio.dtype == p.text.dtype == "bfloat16" and p.audio.param_dtype == "float32"
+    assert p.audio.remat and p.text.remat
 
 
 # --- optimizer -------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_bf16_compute_keeps_f32_params_optimizer_state_and_loss(extra):
     """Traced only (no compile): bf16 towers with remat, SigLIP (all-gather, and ring under GradCache)."""
     cfg = C.load_config("tiny", ["model.dtype=bfloat16", "model.remat=True"] + extra)
     mc = C.model_config(cfg)
-    assert mc.audio.dtype == mc.text.dtype == "bfloat16"
+    assert mc.precision.audio.dtype == mc.precision.text.dtype == "bfloat16"
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     setup = S.build_setup(cfg, mc, mesh)
     fn = S.train_step_fn(setup.template, setup.tx, mesh, setup.settings)

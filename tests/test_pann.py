@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clapjax import saved_model
+from clapjax import layers, saved_model
 from clapjax.audio import frontend
 from clapjax.audio.pann import PANN, PANNConfig
 from clapjax.convert import keymap
 from clapjax.convert.pann_keys import pann_laion_table
 from helpers import TOL
-from reference import laion_clap, laion_model_cfg, randomize_batch_norms, torch_state_dict
+from reference import (laion_audio_tower, laion_clap, laion_log_mel, laion_model_cfg, randomize_batch_norms,
+                       torch_state_dict, tower_holding)
 
 torch = pytest.importorskip("torch")
 SR = 48000
@@ -39,26 +40,14 @@ def _pann_module():
     return pann_model
 
 
-def _laion_pann(amodel: str, fusion: bool, seed: int = 0):
-    pann_model = _pann_module()
-    from laion_clap.clap_module.model import CLAPAudioCfp
-    torch.manual_seed(seed)
-    cfg = laion_model_cfg(amodel)["audio_cfg"]
-    return pann_model.create_pann_model(CLAPAudioCfp(**cfg), fusion, "aff_2d" if fusion else "None").eval()
-
-
 def _randomize_bn(ref, mel: np.ndarray, seed: int = 1) -> None:
     """Random affine + running stats for every BN; bn0's running stats are `mel`'s per-bin moments."""
     randomize_batch_norms(ref, torch.Generator().manual_seed(seed), mel)
 
 
-def _ours_from(ref, config: PANNConfig) -> PANN:
-    """Our tower holding `ref`'s weights; built abstractly (no random init of 80M params)."""
-    model = nnx.eval_shape(lambda: PANN(config, rngs=nnx.Rngs(0)))
-    keymap.load_state_dict(model, torch_state_dict(ref), pann_laion_table(model))
-    for var in saved_model.model_variables(model).values():
-        var.set_value(jnp.asarray(var.get_value()))
-    return model
+def _ours_from(ref, config: PANNConfig, prec: layers.Precision = layers.Precision()) -> PANN:
+    """Our tower holding `ref`'s weights."""
+    return tower_holding(lambda: PANN(config, rngs=nnx.Rngs(0), prec=prec), torch_state_dict(ref), pann_laion_table)
 
 
 def _with_config(model: PANN, config: PANNConfig) -> PANN:
@@ -74,11 +63,6 @@ def _waves(rng, batch: int, seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freqs * t) + 0.05 * rng.standard_normal((batch, n))).astype(np.float32)
 
 
-def _laion_log_mel(ref, waves: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return ref.logmel_extractor(ref.spectrogram_extractor(torch.from_numpy(waves)))[:, 0].numpy()
-
-
 def _max_abs(ours: dict, ref: dict, rows=slice(None)) -> dict[str, float]:
     return {k: float(np.max(np.abs(np.asarray(ours[k])[rows] - ref[k].detach().numpy()[rows]))) for k in KEYS}
 
@@ -92,9 +76,9 @@ def _assert_close(diffs: dict[str, float], what: str) -> None:
 
 @pytest.mark.parametrize("amodel,seconds,batch", [("PANN-6", 1.0, 2), ("PANN-10", 1.0, 2), ("PANN-14", 10.0, 2)])
 def test_matches_laion_from_waveform(amodel, seconds, batch, rng):
-    ref = _laion_pann(amodel, fusion=False)
+    ref = laion_audio_tower(amodel, fusion=False)
     waves = _waves(rng, batch, seconds)
-    _randomize_bn(ref, _laion_log_mel(ref, waves))
+    _randomize_bn(ref, laion_log_mel(ref, waves))
     with torch.no_grad():
         # Cnn14 reads input['waveform']; Cnn6/Cnn10 pass their whole input to the STFT (LAION bug),
         # so they get the waveform tensor itself.
@@ -109,9 +93,9 @@ def test_matches_laion_from_waveform(amodel, seconds, batch, rng):
 
 def test_tower_from_laion_log_mel_isolates_the_front_end(rng):
     """Same comparison fed LAION's own log-mel: the tower alone, without front-end round-off."""
-    ref = _laion_pann("PANN-6", fusion=False)
+    ref = laion_audio_tower("PANN-6", fusion=False)
     waves = _waves(rng, 2, 0.5)
-    mel = _laion_log_mel(ref, waves)
+    mel = laion_log_mel(ref, waves)
     _randomize_bn(ref, mel)
     with torch.no_grad():
         want = ref(torch.from_numpy(waves))
@@ -125,10 +109,10 @@ def test_tower_from_laion_log_mel_isolates_the_front_end(rng):
 def fused_pair():
     """LAION fused Cnn14 and ours with its weights, plus a (B=3, 4, 301, 64) mel_fusion batch."""
     rng = np.random.default_rng(3)
-    ref = _laion_pann("PANN-14", fusion=True, seed=1)
+    ref = laion_audio_tower("PANN-14", fusion=True, seed=1)
     # (3 rows, 4 views, T, F); rows at different levels keep train-mode BN statistics over the
     # 2 longer rows well conditioned (AFF's global_att BN sees 2 pooled values per channel)
-    views = np.stack([_laion_log_mel(ref, gain * _waves(rng, 4, 3.0)) for gain in (1.0, 0.5, 0.05)])
+    views = np.stack([laion_log_mel(ref, gain * _waves(rng, 4, 3.0)) for gain in (1.0, 0.5, 0.05)])
     views[1] = views[1, :1]  # a short row: 4 copies of one mel, as LAION's data pipeline builds it
     _randomize_bn(ref, views)
     ours = _ours_from(ref, PANNConfig.from_laion(laion_model_cfg("PANN-14")["audio_cfg"], True, "aff_2d"))
@@ -213,9 +197,9 @@ def test_fused_cnn14_training_batch_statistics(fused_pair, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cnn6_pair():
-    ref = _laion_pann("PANN-6", fusion=False)
+    ref = laion_audio_tower("PANN-6", fusion=False)
     waves = _waves(np.random.default_rng(5), 2, 0.5)
-    _randomize_bn(ref, _laion_log_mel(ref, waves))
+    _randomize_bn(ref, laion_log_mel(ref, waves))
     return ref, waves
 
 
@@ -250,8 +234,8 @@ def test_spec_augment_zeroes_stripes():
 
 def test_bfloat16_compute_keeps_float32_params(cnn6_pair):
     ref, waves = cnn6_pair
-    cfg = PANNConfig.from_laion(laion_model_cfg("PANN-6")["audio_cfg"], dtype="bfloat16")
-    ours = _ours_from(ref, cfg)
+    cfg = PANNConfig.from_laion(laion_model_cfg("PANN-6")["audio_cfg"])
+    ours = _ours_from(ref, cfg, layers.Precision(jnp.bfloat16))
     out = ours({"waveform": jnp.asarray(waves)})
     assert out["embedding"].dtype == jnp.bfloat16 and ours.fc1.kernel.get_value().dtype == jnp.float32
     f32 = _ours_from(ref, PANNConfig.from_laion(laion_model_cfg("PANN-6")["audio_cfg"]))

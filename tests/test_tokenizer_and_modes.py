@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clapjax import layers as L
 from clapjax import text as T
 from clapjax.tokenizer import Tokenizer, train_byte_level_bpe
 
@@ -106,10 +107,9 @@ def test_dropout_only_in_train_mode(kind):
 
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_remat_changes_nothing_but_memory(kind):
-    import dataclasses
     ids, mask = _ids()
     plain = T.text_tower(kind, SMALL[kind], nnx.Rngs(0))
-    remat = T.text_tower(kind, dataclasses.replace(SMALL[kind], remat=True), nnx.Rngs(0))
+    remat = T.text_tower(kind, SMALL[kind], nnx.Rngs(0), remat=True)
 
     def loss(model):
         return jnp.sum(model(ids, mask).pooled ** 2)
@@ -122,10 +122,9 @@ def test_remat_changes_nothing_but_memory(kind):
 
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_bf16_compute_keeps_f32_params(kind):
-    import dataclasses
     ids, mask = _ids()
     f32 = T.text_tower(kind, SMALL[kind], nnx.Rngs(0))
-    bf16 = T.text_tower(kind, dataclasses.replace(SMALL[kind], dtype="bfloat16"), nnx.Rngs(0))
+    bf16 = T.text_tower(kind, SMALL[kind], nnx.Rngs(0), prec=L.Precision(jnp.bfloat16))
     params = nnx.state(bf16, nnx.Param)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     out = bf16(ids, mask).pooled
@@ -145,8 +144,8 @@ def test_unknown_text_model_is_a_clear_error():
 def test_each_head_computes_in_its_own_towers_precision():
     """bf16 text with f32 audio: the text projection and transform heads compute in bf16, the audio ones in f32
     (the text transform head once took the audio tower's precision)."""
-    from clapjax.model import CLAPConfig, CLAPModel
-    cfg = CLAPConfig.from_laion("HTSAT-tiny", "roberta", text_overrides=dict(dtype="bfloat16"))
+    from clapjax.model import CLAPConfig, CLAPModel, Precision, TowerPrecision
+    cfg = CLAPConfig.from_laion("HTSAT-tiny", "roberta", precision=Precision(text=TowerPrecision(dtype="bfloat16")))
     model = nnx.eval_shape(lambda: CLAPModel(cfg, nnx.Rngs(0)))
     heads = {"audio": (model.audio_projection[0], model.audio_transform.sequential[0]),
              "text": (model.text_projection[0], model.text_transform.sequential[0])}

@@ -16,6 +16,7 @@ JSON (`to_json`), so a checkpoint says exactly how it was trained.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from clapjax.model import CLAPConfig
+from clapjax.model import PRECISION_FIELDS, CLAPConfig, Precision, TowerPrecision
 from clapjax.train.losses import LOSSES
 from clapjax.train.optim import GROUPS, OPTIMIZERS
 
@@ -187,18 +188,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 # --- derived --------------------------------------------------------------------------------------
 
-def _with_common(overrides: dict, cls, model: ml_collections.ConfigDict, what: str) -> dict:
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(cls)}
-    out = dict(overrides)
-    common = dict(dtype=model.dtype, param_dtype=model.param_dtype)
+def _numerics(model: ml_collections.ConfigDict, overrides: dict, base: TowerPrecision, where: str) -> TowerPrecision:
+    """One tower's precision: the `model` section's dtype / param_dtype (and remat when on) over `base`, then the
+    tower's own override keys (`model.audio_overrides.dtype=…`), so audio and text may differ."""
+    run = dict(dtype=model.dtype, param_dtype=model.param_dtype)
     if model.remat:
-        common.update(remat=True, remat_policy=model.remat_policy or None)
-    for k, v in common.items():
-        if k not in fields:
-            raise ValueError(f"model.{k}={v!r}: the {what} tower ({cls.__name__}) has no {k!r} setting")
-        out.setdefault(k, v)
-    return out
+        run.update(remat=True, remat_policy=model.remat_policy or None)
+    own = {k: overrides.pop(k) for k in PRECISION_FIELDS if k in overrides}
+    try:
+        return dataclasses.replace(base, **{**run, **own})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _precision(m: ml_collections.ConfigDict, audio: dict, text: dict, base: Precision = Precision()) -> Precision:
+    """The run's `precision` section; pops the precision keys out of the tower overrides `audio` and `text`."""
+    return Precision(audio=_numerics(m, audio, base.audio, "model (audio tower)"),
+                     text=_numerics(m, text, base.text, "model (text tower)"))
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
@@ -212,18 +218,15 @@ def model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
     m = cfg.model
     if cfg.get("init", {}).get("checkpoint"):
         return _checkpoint_model_config(cfg)
-    probe = CLAPConfig.from_laion(m.amodel, m.tmodel, m.enable_fusion, m.fusion_type,
-                                  audio_overrides=_plain(m.audio_overrides), text_overrides=_plain(m.text_overrides))
-    audio = _with_common(_plain(m.audio_overrides), type(probe.audio), m, "audio")
-    text = _with_common(_plain(m.text_overrides), type(probe.text), m, "text")
+    audio, text = _plain(m.audio_overrides), _plain(m.text_overrides)
+    precision = _precision(m, audio, text)
     return CLAPConfig.from_laion(m.amodel, m.tmodel, m.enable_fusion, m.fusion_type, audio_overrides=audio,
                                  text_overrides=text, joint_embed_shape=m.joint_embed_shape, mlp_act=m.mlp_act,
-                                 transform_heads=m.transform_heads)
+                                 transform_heads=m.transform_heads, precision=precision)
 
 
 def _replace(dc, overrides: dict, where: str):
     """A dataclass with `overrides` applied (nested dataclasses take dicts), unknown names refused."""
-    import dataclasses
     fields = {f.name for f in dataclasses.fields(dc)}
     changes = {}
     for k, v in overrides.items():
@@ -235,18 +238,17 @@ def _replace(dc, overrides: dict, where: str):
 
 
 def _checkpoint_model_config(cfg: ml_collections.ConfigDict) -> CLAPConfig:
-    import dataclasses
     from clapjax.saved_model import read_config
     m = cfg.model
     saved, _ = read_config(cfg.init.checkpoint)
     if m.tmodel != saved.tmodel:
         raise ValueError(f"model.tmodel={m.tmodel!r} but init.checkpoint {cfg.init.checkpoint} holds a {saved.tmodel!r} "
                          f"text tower; set model.tmodel={saved.tmodel} (the tokenizer's kind follows it)")
-    audio = _with_common(_plain(m.audio_overrides), type(saved.audio), m, "audio")
-    text = _with_common(_plain(m.text_overrides), type(saved.text), m, "text")
+    audio, text = _plain(m.audio_overrides), _plain(m.text_overrides)
     # the precision keys always come from the run; other overrides only when given
+    precision = _precision(m, audio, text, saved.precision)
     return dataclasses.replace(saved, audio=_replace(saved.audio, audio, "model.audio_overrides"),
-                               text=_replace(saved.text, text, "model.text_overrides"))
+                               text=_replace(saved.text, text, "model.text_overrides"), precision=precision)
 
 
 def _plain(x):

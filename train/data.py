@@ -86,6 +86,11 @@ class DataConfig:
         if self.num_threads < 0 or self.prefetch_samples < 0:
             raise ValueError("DataConfig.num_threads and prefetch_samples must be >= 0")
 
+    @property
+    def fused(self) -> bool:
+        """Whether batches are for a fused audio tower (LAION's 'fusion' truncation: 4-chunk mels)."""
+        return self.truncating == "fusion"
+
 
 # --- order ----------------------------------------------------------------------------------------
 
@@ -171,18 +176,14 @@ class Prepare(grain.transforms.Map):
             rng = np.random.default_rng((self.cfg.seed, epoch, record))
             if self.cfg.quantize:
                 x = audio_io.quantize_int16(x)
-            feats = audio_io.get_audio_features(x, self.frontend, self.cfg.truncating, self.cfg.filling, rng=rng,
-                                                mode="laion", crop_mode=self.cfg.crop_mode)
+            feats = audio_io.clip_features(x, self.frontend, self.cfg.fused, rng, filling=self.cfg.filling,
+                                           crop_mode=self.cfg.crop_mode)
             text = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
         except Exception as err:  # any failure of one record is that record's defect
             return Bad(key, f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
                        epoch, pos)
-        out = {"longer": feats["longer"], "index": record, "text": text, "key": key, "_end": (epoch, pos)}
-        if self.cfg.truncating == "fusion":
-            out["mel_fusion"] = feats["mel_fusion"]
-        else:
-            out["waveform"] = feats["waveform"]
-        return out
+        out = {k: feats[k] for k in audio_io.audio_input_keys(self.cfg.fused)}
+        return {**out, "longer": feats["longer"], "index": record, "text": text, "key": key, "_end": (epoch, pos)}
 
 
 # --- bad-sample accounting ------------------------------------------------------------------------
@@ -244,13 +245,12 @@ class _SkipBadIterator(grain.DatasetIterator):
 # --- batches ---------------------------------------------------------------------------------------
 
 class _Collate:
-    def __init__(self, tokenizer, with_keys: bool):
-        self.tokenizer, self.with_keys = tokenizer, with_keys
+    def __init__(self, tokenizer, with_keys: bool, fused: bool):
+        self.tokenizer, self.with_keys, self.fused = tokenizer, with_keys, fused
 
     def __call__(self, items: list[dict]) -> dict[str, np.ndarray]:
-        out = {k: np.stack([it[k] for it in items]).astype(np.float32)
-               for k in ("waveform", "mel_fusion") if k in items[0]}
-        out["longer"] = np.array([it["longer"] for it in items], dtype=bool)
+        out = audio_io.stack_audio_input(items, self.fused)
+        out["longer"] = np.array([it["longer"] for it in items], dtype=bool)  # every batch has the flags, fused or not
         out.update(self.tokenizer([it["text"] for it in items]))
         out["index"] = np.array([it["index"] for it in items], dtype=np.int32)
         if self.with_keys:
@@ -277,7 +277,7 @@ class DataIterator:
         ds = _SkipBad(ds, cfg, positions.per_epoch)
         self._skip = None
         self._it = ds.batch(self.local_batch_size, drop_remainder=cfg.drop_remainder,
-                            batch_fn=_Collate(tokenizer, cfg.with_keys)).__iter__()
+                            batch_fn=_Collate(tokenizer, cfg.with_keys, cfg.fused)).__iter__()
         self._fingerprint = {"version": STATE_VERSION, **source.fingerprint(), "seed": cfg.seed,
                              "global_batch_size": cfg.global_batch_size, "process_index": process_index,
                              "process_count": process_count, "shuffle": cfg.shuffle, "window": cfg.window_size,

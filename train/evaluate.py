@@ -151,16 +151,11 @@ class Evaluator:
 
     # --- host-side batches --------------------------------------------------------------------------
     def _audio_batch(self, idx: list[int], frontend, fused: bool) -> dict[str, np.ndarray]:
-        feats = []
-        for i, w in zip(idx, self.set.audio(idx)):
-            rng = np.random.default_rng((self.seed, i))
-            x = audio_io.quantize_int16(np.asarray(w, np.float32))
-            feats.append(audio_io.get_audio_features(x, frontend, "fusion" if fused else "rand_trunc", "repeatpad",
-                                                     rng=rng, crop_mode=self.crop_mode))
-        if fused:
-            return {"mel_fusion": np.stack([f["mel_fusion"] for f in feats]).astype(np.float32),
-                    "longer": np.array([f["longer"] for f in feats], bool)}
-        return {"waveform": np.stack([f["waveform"] for f in feats])}
+        # one generator per item (not per batch), so an item's crop does not depend on the batching
+        feats = [audio_io.clip_features(audio_io.quantize_int16(np.asarray(w, np.float32)), frontend, fused,
+                                        np.random.default_rng((self.seed, i)), crop_mode=self.crop_mode)
+                 for i, w in zip(idx, self.set.audio(idx))]
+        return audio_io.stack_audio_input(feats, fused)
 
     def _embed(self, fn, state, count: int, make_batch: Callable[[list[int]], dict]) -> jax.Array:
         """Embeddings of items 0…count−1, in global batches of `batch_size` (the tail padded with

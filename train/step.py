@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from clapjax.audio.io import audio_input_keys
 from clapjax.model import CLAPConfig, CLAPModel
 from clapjax.train import losses, optim, sharding
 
@@ -102,7 +103,7 @@ def batch_stats_of(model: nnx.Module) -> Flat:
 
 def model_inputs(model_cfg: CLAPConfig, batch: Mapping[str, jax.Array]) -> tuple[dict, dict]:
     """(audio, text) dicts for `CLAPModel` from a batch dict (the data pipeline's keys)."""
-    need = ("mel_fusion", "longer") if model_cfg.enable_fusion else ("waveform",)
+    need = audio_input_keys(model_cfg.enable_fusion)
     missing = [k for k in need + ("input_ids",) if k not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}; it has {sorted(batch)}")

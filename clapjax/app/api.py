@@ -82,7 +82,7 @@ class CLAP:
 
     # --- audio ------------------------------------------------------------------------------------
     def audio_batch(self, waveforms: Sequence[np.ndarray], rng=None, *, quantize: bool = True) -> dict:
-        """LAION's preprocessing of 48 kHz mono clips → the model's audio input dict."""
+        """LAION's preprocessing of 48 kHz mono clips → the audio towers' input mapping (`audio.io.model_audio_input`)."""
         return audio_io.model_audio_input(waveforms, self.config.frontend, self.config.enable_fusion, _as_rng(rng),
                                           quantize=quantize)
 

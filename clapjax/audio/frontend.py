@@ -208,6 +208,43 @@ def log_mel(waveform, cfg: FrontEndConfig, kind: MelKind = "slaney") -> jax.Arra
     return power_to_db(mel_power(waveform, cfg, kind))
 
 
+# --- the audio towers' input mapping ------------------------------------------------------------
+
+def fusion_flags(longer, batch: int) -> jax.Array:
+    """`longer` of shape (B,) or LAION's (B, 1) → (B,) bool, refused unless it holds one flag per row."""
+    flags = jnp.asarray(longer)
+    if flags.size != batch:
+        raise ValueError(f"longer must hold one flag per row: {flags.shape} for batch {batch}")
+    return flags.reshape(batch).astype(bool)
+
+
+def tower_input(inputs: Mapping, cfg: FrontEndConfig, fused: bool, tower: str) -> tuple[jax.Array, jax.Array | None]:
+    """What every audio tower reads from its input mapping (the one `audio.io.model_audio_input` builds).
+
+    Unfused: {'waveform' (B, N)} → its Slaney log-mel (B, T, mel_bins) and no flags; 'mel_fusion' / 'longer' are
+    refused. Fused: {'mel_fusion' (B, C, T, mel_bins), 'longer' (B,) or (B, 1)} → that mel and (B,) bool flags;
+    a 'waveform' beside them is ignored, as LAION's fused towers ignore it."""
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"{tower} takes a mapping of its inputs ({{'waveform': ...}} or {{'mel_fusion': ..., "
+                        f"'longer': ...}}), got {type(inputs).__name__}")
+    if not fused:
+        if "waveform" not in inputs:
+            raise ValueError(f"an unfused {tower} needs inputs['waveform'] (B, samples); got keys {sorted(inputs)}")
+        if "mel_fusion" in inputs or "longer" in inputs:
+            raise ValueError(f"mel_fusion / longer are only for a fused {tower} (enable_fusion=True)")
+        wav = jnp.asarray(inputs["waveform"])
+        if wav.ndim != 2:
+            raise ValueError(f"waveform must be (batch, samples), got shape {wav.shape}")
+        return log_mel(wav.astype(jnp.float32), cfg, "slaney"), None
+    if "mel_fusion" not in inputs or "longer" not in inputs:
+        raise ValueError(f"a fused {tower} needs inputs['mel_fusion'] (B, 4, T, mel_bins) and inputs['longer'] (B,) "
+                         f"(its waveform input is unused, as in LAION); got keys {sorted(inputs)}")
+    mel = jnp.asarray(inputs["mel_fusion"])
+    if mel.ndim != 4 or mel.shape[-1] != cfg.mel_bins or mel.shape[1] < 2:
+        raise ValueError(f"mel_fusion must be (B, channels>=2, T, {cfg.mel_bins}), got {mel.shape}")
+    return mel, fusion_flags(inputs["longer"], mel.shape[0])
+
+
 # --- HTSAT's spectrogram → image reshape ------------------------------------------------------
 
 def _cubic_coefficients(t: np.ndarray, a: float = -0.75) -> list[np.ndarray]:

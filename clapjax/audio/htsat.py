@@ -22,7 +22,7 @@ forced longer row (either falls back to `default`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ _SIZES = {  # create_htsat_model's hard-coded variants
 
 @dataclasses.dataclass(frozen=True)
 class HTSATConfig:
+    """The architecture; the numerics (dtypes, remat) are the tower's constructor arguments (`CLAPConfig.precision`)."""
+
+    model_type: ClassVar[str] = "HTSAT"
     frontend: fe.FrontEndConfig = fe.FrontEndConfig()
     spec_size: int = 256
     patch_size: int = 4
@@ -68,10 +71,6 @@ class HTSATConfig:
     time_stripes_num: int = 2
     freq_drop_width: int = 8
     freq_stripes_num: int = 2
-    remat: bool = False
-    remat_policy: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         # accept the JSON form (dict front end, lists) and keep the config hashable
@@ -101,8 +100,6 @@ class HTSATConfig:
                                  f"do not fit window {self.window_size}")
         if (self.final_grid // self.freq_ratio) < 1 or self.final_grid % self.freq_ratio:
             raise ValueError(f"final {self.final_grid}² grid cannot be regrouped by freq_ratio {self.freq_ratio}")
-        for name in ("dtype", "param_dtype"):
-            jnp.dtype(getattr(self, name))
 
     # --- variants -------------------------------------------------------------------------------
     @classmethod
@@ -153,10 +150,6 @@ class HTSATConfig:
 
     # --- derived --------------------------------------------------------------------------------
     @property
-    def precision(self) -> L.Precision:
-        return L.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
-
-    @property
     def freq_ratio(self) -> int:
         return self.spec_size // self.frontend.mel_bins
 
@@ -174,6 +167,11 @@ class HTSATConfig:
         return self.embed_dim * 2 ** (len(self.depths) - 1)
 
     @property
+    def output_width(self) -> int:
+        """Width of the `embedding` output (what CLAP projects), the same property on every audio tower config."""
+        return self.num_features
+
+    @property
     def fused(self) -> bool:
         return self.enable_fusion and self.fusion_type == "aff_2d"
 
@@ -183,8 +181,8 @@ class HTSATConfig:
 class PatchEmbed(nnx.Module):
     """Conv patches of channel 0 (+ for aff_2d: `mel_conv2d` on channels 1.. fused by AFF) → LN."""
 
-    def __init__(self, cfg: HTSATConfig, rngs: nnx.Rngs):
-        p, e = cfg.precision, cfg.embed_dim
+    def __init__(self, cfg: HTSATConfig, rngs: nnx.Rngs, prec: L.Precision):
+        p, e = prec, cfg.embed_dim
         k, s = cfg.patch_size, cfg.patch_stride
         pad = ((k - s[0]) // 2, (k - s[1]) // 2)
         self.fused = cfg.fused
@@ -217,7 +215,9 @@ class PatchEmbed(nnx.Module):
 
 
 class HTSAT(nnx.Module):
-    """LAION's `HTSAT_Swin_Transformer`: waveform (or fused mels) → dict of embeddings and SED outputs.
+    """LAION's `HTSAT_Swin_Transformer`: the audio towers' input mapping ({'waveform'} unfused, {'mel_fusion',
+    'longer'} fused: `frontend.tower_input`) → dict of embeddings and SED outputs. `prec` sets the compute and
+    parameter dtypes, `remat` / `remat_policy` checkpoint each Swin block's activations (`CLAPConfig.precision`).
 
     Output keys: `embedding` (B, D) = mean of the final tokens (what CLAP projects);
     `last_hidden_state` (B, h·w, D) final-LN tokens, row-major over the 8×8 grid (rows: the
@@ -225,19 +225,21 @@ class HTSAT(nnx.Module):
     head also `clipwise_output` (B, classes) and `framewise_output` (B, 1024, classes), sigmoided.
     """
 
-    def __init__(self, cfg: HTSATConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: HTSATConfig, rngs: nnx.Rngs, *, prec: L.Precision = L.Precision(), remat: bool = False,
+                 remat_policy: str | None = None):
         self.cfg = cfg
-        p, eps = cfg.precision, cfg.layer_norm_eps
+        self.compute_dtype = prec.dtype
+        p, eps = prec, cfg.layer_norm_eps
         # bn0 normalises dB values (tens of dB): kept in float32 whatever the compute dtype
         self.bn0 = L.batch_norm(cfg.frontend.mel_bins, rngs, prec=L.Precision(jnp.float32, p.param_dtype))
-        self.patch_embed = PatchEmbed(cfg, rngs)
+        self.patch_embed = PatchEmbed(cfg, rngs, p)
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         layers, start = [], 0
         for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
             layers.append(BasicLayer(cfg.embed_dim * 2 ** i, cfg.grid // 2 ** i, depth, heads, cfg.window_size,
                                      rates[start:start + depth], rngs, downsample=i < len(cfg.depths) - 1,
-                                     mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, eps=eps, remat=cfg.remat,
-                                     remat_policy=cfg.remat_policy, prec=p))
+                                     mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, eps=eps, remat=remat,
+                                     remat_policy=remat_policy, prec=p))
             start += depth
         self.layers = nnx.List(layers)
         self.norm = L.layer_norm(cfg.num_features, eps, rngs, prec=p)
@@ -250,37 +252,15 @@ class HTSAT(nnx.Module):
             self.tscam_conv = None
             self.head = None
 
-    # --- inputs ---------------------------------------------------------------------------------
-    def _mels(self, waveform, mel_fusion, longer):
-        """(B, C, T, F) log-mel input and the (B,) longer flags (None when unfused)."""
-        cfg = self.cfg
-        if not cfg.fused:
-            if waveform is None:
-                raise ValueError("an unfused HTSAT needs `waveform` (B, samples)")
-            if mel_fusion is not None or longer is not None:
-                raise ValueError("mel_fusion / longer are only for a fused HTSAT (enable_fusion=True)")
-            wav = jnp.asarray(waveform)
-            if wav.ndim != 2:
-                raise ValueError(f"waveform must be (batch, samples), got shape {wav.shape}")
-            return fe.log_mel(wav.astype(jnp.float32), cfg.frontend, "slaney")[:, None], None
-        if mel_fusion is None or longer is None:
-            raise ValueError("a fused HTSAT needs mel_fusion (B, 4, T, mel_bins) and longer (B,) "
-                             "(its waveform input is unused, as in LAION)")
-        mel = jnp.asarray(mel_fusion)
-        if mel.ndim != 4 or mel.shape[-1] != cfg.frontend.mel_bins or mel.shape[1] < 2:
-            raise ValueError(f"mel_fusion must be (B, channels>=2, T, {cfg.frontend.mel_bins}), got {mel.shape}")
-        flags = jnp.asarray(longer)
-        if flags.size != mel.shape[0]:
-            raise ValueError(f"longer must hold one flag per row: {flags.shape} for batch {mel.shape[0]}")
-        return mel, flags.reshape(mel.shape[0]).astype(bool)
-
-    def __call__(self, waveform=None, *, mel_fusion=None, longer=None, deterministic: bool = True,
+    def __call__(self, inputs: Mapping[str, jax.Array], *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
         cfg = self.cfg
         randomised = cfg.drop_path_rate > 0 or cfg.spec_augment or cfg.fused
         if not deterministic and randomised and rngs is None:
             raise ValueError("deterministic=False (training) needs rngs for drop-path / SpecAugment")
-        x, longer = self._mels(waveform, mel_fusion, longer)
+        x, longer = fe.tower_input(inputs, cfg.frontend, cfg.fused, "HTSAT")
+        if longer is None:
+            x = x[:, None]                                            # (B, 1, T, F): one channel
         x = self.bn0(x.astype(jnp.float32), use_running_average=deterministic)  # BN over mel bins
         if not deterministic and cfg.spec_augment:
             x = fe.spec_augment(x, rngs.augment(), time_width=cfg.time_drop_width, time_stripes=cfg.time_stripes_num,
@@ -288,7 +268,7 @@ class HTSAT(nnx.Module):
         if longer is not None and not deterministic:
             longer = force_one_longer(longer, rngs.augment())
         img = fe.reshape_wav2img(x, cfg.spec_size, cfg.freq_ratio)   # (B, C, S, S)
-        img = jnp.transpose(img, (0, 2, 3, 1)).astype(cfg.precision.dtype)
+        img = jnp.transpose(img, (0, 2, 3, 1)).astype(self.compute_dtype)
         x = self.patch_embed(img, longer, deterministic=deterministic)
         for layer in self.layers:
             x = layer(x, deterministic=deterministic, rngs=rngs)

@@ -317,16 +317,35 @@ def batch_audio_features(waveforms: Sequence, cfg: FrontEndConfig = FrontEndConf
     return out
 
 
+def audio_input_keys(fused: bool) -> tuple[str, ...]:
+    """The keys of every audio tower's input mapping: ('waveform',) unfused, ('mel_fusion', 'longer') fused
+    (a fused tower reads only the 4-chunk mel and the flags, as LAION's)."""
+    return ("mel_fusion", "longer") if fused else ("waveform",)
+
+
+def clip_features(waveform, cfg: FrontEndConfig, fused: bool, rng: Rng | None = None, *,
+                  filling: FillMode = "repeatpad", crop_mode: CropMode = "random") -> dict:
+    """LAION's features of one prepared clip for a fused or unfused tower (`get_audio_features` in 'laion'
+    mode, truncating 'fusion' or 'rand_trunc'): {'waveform', 'longer'[, 'mel_fusion']}."""
+    return get_audio_features(waveform, cfg, "fusion" if fused else "rand_trunc", filling, rng=rng, mode="laion",
+                              crop_mode=crop_mode)
+
+
+def stack_audio_input(features: Sequence[dict], fused: bool) -> dict[str, np.ndarray]:
+    """Per-clip features (`clip_features`) → the towers' input mapping: exactly `audio_input_keys(fused)`,
+    float32 arrays and (B,) bool flags."""
+    if len(features) == 0:
+        raise ValueError("no audio given")
+    return {k: np.array([f[k] for f in features], dtype=bool) if k == "longer"
+            else np.stack([f[k] for f in features]).astype(np.float32, copy=False)
+            for k in audio_input_keys(fused)}
+
+
 def model_audio_input(waveforms: Sequence, cfg: FrontEndConfig, fused: bool, rng: Rng | None = None, *,
                       quantize: bool = True) -> dict[str, np.ndarray]:
     """LAION's inference preprocessing of 48 kHz mono clips → the audio towers' input mapping: {'waveform' (B, N)}
     unfused, {'mel_fusion' (B, 4, T, mel), 'longer' (B,)} fused. Clips go through LAION's int16 round trip
     unless `quantize=False`; `rng=None` crops deterministically from the start (LAION's crops are random)."""
-    if len(waveforms) == 0:
-        raise ValueError("no audio given")
+    crop_mode = "random" if rng is not None else "start"
     clips = [quantize_int16(w) if quantize else check_waveform(w) for w in waveforms]
-    feats = batch_audio_features(clips, cfg, truncating="fusion" if fused else "rand_trunc", filling="repeatpad",
-                                 rng=rng, mode="laion", crop_mode="random" if rng is not None else "start")
-    if fused:
-        return {"mel_fusion": feats["mel_fusion"].astype(np.float32), "longer": feats["longer"]}
-    return {"waveform": feats["waveform"]}
+    return stack_audio_input([clip_features(c, cfg, fused, rng, crop_mode=crop_mode) for c in clips], fused)

@@ -21,14 +21,14 @@ fusion types without released weights (daf/iaff, *_1d, channel_map).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from clapjax import layers
-from clapjax.audio.frontend import FrontEndConfig, log_mel, spec_augment
+from clapjax.audio.frontend import FrontEndConfig, fusion_flags, spec_augment, tower_input
 from clapjax.audio.fusion import AFF, ReLU, force_one_longer
 
 # LAION's Cnn6/10/14: conv block type, output channels per block, time upsampling of the
@@ -48,6 +48,9 @@ LAION_PANN_AUDIO = dict(sample_rate=48000, window_size=1024, hop_size=480, mel_b
 
 @dataclasses.dataclass(frozen=True)
 class PANNConfig:
+    """The architecture; the numerics (dtypes) are the tower's constructor arguments (`CLAPConfig.precision`)."""
+
+    model_type: ClassVar[str] = "PANN"
     model_name: str = "Cnn14"
     frontend: FrontEndConfig = dataclasses.field(default_factory=lambda: FrontEndConfig.from_laion(LAION_PANN_AUDIO))
     class_num: int = 527
@@ -56,8 +59,6 @@ class PANNConfig:
     block_dropout: float = 0.2   # after every conv block (training only)
     head_dropout: float = 0.5    # around fc1 (training only)
     spec_augment: bool = True    # SpecAugment in training, as LAION does
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.model_name not in ARCHITECTURES:
@@ -74,8 +75,9 @@ class PANNConfig:
         return ARCHITECTURES[self.model_name]["channels"][-1]
 
     @property
-    def precision(self) -> layers.Precision:
-        return layers.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+    def output_width(self) -> int:
+        """Width of the `embedding` output (what CLAP projects), the same property on every audio tower config."""
+        return self.embed_dim
 
     @classmethod
     def from_laion(cls, audio_cfg: Mapping, enable_fusion: bool = False, fusion_type: str = "None",
@@ -149,14 +151,21 @@ def _time_pool3(x: jax.Array) -> jax.Array:
 
 
 class PANN(nnx.Module):
-    """A LAION PANN audio branch. `__call__(inputs)` takes LAION's input dict: `waveform` (B, N)
-    without fusion; `mel_fusion` (B, 4, T, mel_bins) and `longer` (B,) or (B, 1) with fusion.
-    Returns LAION's output dict: `embedding` (B, D), `clipwise_output` (B, class_num) and
-    `fine_grained_embedding` (B, T', D) (frame-level, time upsampled by 16 or 32 by repetition)."""
+    """A LAION PANN audio branch. `__call__(inputs)` takes the audio towers' input mapping
+    (`frontend.tower_input`): `waveform` (B, N) without fusion; `mel_fusion` (B, 4, T, mel_bins) and
+    `longer` (B,) or (B, 1) with fusion. Returns LAION's output dict: `embedding` (B, D), `clipwise_output`
+    (B, class_num) and `fine_grained_embedding` (B, T', D) (frame-level, time upsampled by 16 or 32 by
+    repetition). `prec` sets the compute and parameter dtypes; LAION's PANNs have no per-block activation
+    checkpointing, so `remat` is refused (the keyword exists because every audio tower takes it)."""
 
-    def __init__(self, config: PANNConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: PANNConfig, *, rngs: nnx.Rngs, prec: layers.Precision = layers.Precision(),
+                 remat: bool = False, remat_policy: str | None = None):
+        if remat:
+            raise ValueError(f"a PANN audio tower has no activation checkpointing: remat must be False (got "
+                             f"remat=True, remat_policy={remat_policy!r}; the trainer's model.remat, "
+                             f"CLAPConfig.precision.audio.remat)")
         self.config = config
-        prec = config.precision
+        self.compute_dtype = prec.dtype
         arch = ARCHITECTURES[config.model_name]
         mel_bins = config.frontend.mel_bins
         self.bn0 = layers.batch_norm(mel_bins, rngs, prec=prec)  # per mel bin
@@ -183,18 +192,8 @@ class PANN(nnx.Module):
 
     def __call__(self, inputs: Mapping[str, jax.Array], *, deterministic: bool = True,
                  rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-        if self.config.enable_fusion:
-            for k in ("mel_fusion", "longer"):
-                if k not in inputs:
-                    raise ValueError(f"a fusion PANN needs inputs[{k!r}]; got keys {sorted(inputs)}")
-            return self.encode_mel(inputs["mel_fusion"], inputs["longer"], deterministic=deterministic, rngs=rngs)
-        if "waveform" not in inputs:
-            raise ValueError(f"PANN needs inputs['waveform'] (B, N); got keys {sorted(inputs)}")
-        wave = jnp.asarray(inputs["waveform"])
-        if wave.ndim != 2:
-            raise ValueError(f"waveform must be (batch, samples), got shape {wave.shape}")
-        mel = log_mel(wave.astype(jnp.float32), self.config.frontend, kind="slaney")
-        return self.encode_mel(mel, deterministic=deterministic, rngs=rngs)
+        mel, longer = tower_input(inputs, self.config.frontend, self.config.enable_fusion, "PANN")
+        return self.encode_mel(mel, longer, deterministic=deterministic, rngs=rngs)
 
     def encode_mel(self, mel: jax.Array, longer: jax.Array | None = None, *, deterministic: bool = True,
                    rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
@@ -210,7 +209,7 @@ class PANN(nnx.Module):
         min_frames = 2 ** min(self.num_blocks, 5)
         if mel.shape[-2] < min_frames:
             raise ValueError(f"{cfg.model_name} needs at least {min_frames} frames, got {mel.shape[-2]}")
-        x = mel.astype(cfg.precision.dtype)
+        x = mel.astype(self.compute_dtype)
         if x.ndim == 3:
             x = x[:, None]  # (B, C=1, T, F): channels are the fusion's 4 mel views
         x = self.bn0(x, use_running_average=deterministic)  # feature axis -1 = mel bins
@@ -238,9 +237,7 @@ class PANN(nnx.Module):
             raise ValueError(f"mel_fusion must have 4 views (global + 3 local chunks), got {c}")
         if longer is None:
             raise ValueError("a fusion PANN needs `longer` flags, shape (B,) or (B, 1)")
-        longer = jnp.asarray(longer).reshape(-1).astype(bool)
-        if longer.shape[0] != b:
-            raise ValueError(f"longer has {longer.shape[0]} flags for a batch of {b}")
+        longer = fusion_flags(longer, b)
         if not deterministic:  # LAION's Cnn14 does this in eval too, a bug we leave out (module docstring)
             longer = force_one_longer(longer, rngs.augment())
 

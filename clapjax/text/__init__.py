@@ -1,6 +1,8 @@
 """Text towers: RoBERTa / BERT (`bert.py`), BART encoder (`bart.py`), CLIP transformer (`clip.py`).
 
-Every tower is called as `tower(input_ids, attention_mask, token_type_ids, deterministic=, rngs=)`
+Every tower is built as `tower(cfg, rngs, prec=, remat=, remat_policy=)` (the numerics are
+`CLAPConfig.precision`'s, not the architecture's), exposes the width of its pooled feature as
+`cfg.output_width`, is called as `tower(input_ids, attention_mask, token_type_ids, deterministic=, rngs=)`
 and returns `TextOutput(last_hidden_state, pooled)`, where `pooled` is exactly what LAION-CLAP's
 `encode_text` feeds to `text_projection` for that `tmodel`.
 """
@@ -46,22 +48,14 @@ def text_config_from_dict(model_type: str, fields: dict) -> TextConfig:
     return cls(**fields)
 
 
-def text_tower(model_type: str, cfg: TextConfig, rngs: nnx.Rngs) -> nnx.Module:
+def text_tower(model_type: str, cfg: TextConfig, rngs: nnx.Rngs, **numerics) -> nnx.Module:
+    """The tower of `model_type`; `numerics` are every tower's `prec`, `remat` and `remat_policy` keywords."""
     cls, _, tower = _kind(model_type)
     if not isinstance(cfg, cls):
         raise TypeError(f"{model_type} needs a {cls.__name__}, got {type(cfg).__name__}")
-    return tower(cfg, rngs)
-
-
-def text_width(cfg: TextConfig) -> int:
-    """Width of the pooled feature (input of `text_projection`)."""
-    if isinstance(cfg, BertConfig):
-        return cfg.hidden_size
-    if isinstance(cfg, BartConfig):
-        return cfg.d_model
-    return cfg.width
+    return tower(cfg, rngs, **numerics)
 
 
 __all__ = ["BartConfig", "BartModel", "BertConfig", "BertModel", "ClipTextConfig", "ClipTextTransformer",
            "TextConfig", "TextOutput", "TOWERS", "default_text_config", "text_config_from_dict",
-           "text_tower", "text_width"]
+           "text_tower"]

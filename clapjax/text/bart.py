@@ -34,10 +34,6 @@ class BartConfig:
     scale_embedding: bool = False
     layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which BART uses
     pad_token_id: int = 1
-    remat: bool = False
-    remat_policy: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
@@ -51,18 +47,18 @@ class BartConfig:
 
     @classmethod
     def from_hf(cls, hf_config, **kw) -> "BartConfig":
-        names = [f.name for f in dataclasses.fields(cls)
-                 if f.name not in ("layer_norm_eps", "remat", "remat_policy", "dtype", "param_dtype")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "layer_norm_eps"]
         return cls(**{**{n: getattr(hf_config, n) for n in names if hasattr(hf_config, n)}, **kw})
 
     @property
-    def precision(self) -> L.Precision:
-        return L.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+    def output_width(self) -> int:
+        """Width of the pooled feature (input of `text_projection`), the same property on every text config."""
+        return self.d_model
 
 
 class BartAttention(nnx.Module):
-    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
-        p, d = cfg.precision, cfg.d_model
+    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs, p: L.Precision):
+        d = cfg.d_model
         self.num_heads = cfg.encoder_attention_heads
         self.k_proj = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
         self.v_proj = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
@@ -78,9 +74,9 @@ class BartAttention(nnx.Module):
 class BartEncoderLayer(nnx.Module):
     """Post-LN: x = LN(x + attn(x)); x = LN(x + fc2(act(fc1(x))))."""
 
-    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
-        p, d = cfg.precision, cfg.d_model
-        self.self_attn = BartAttention(cfg, rngs)
+    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs, p: L.Precision):
+        d = cfg.d_model
+        self.self_attn = BartAttention(cfg, rngs, p)
         self.self_attn_layer_norm = L.layer_norm(d, cfg.layer_norm_eps, rngs, prec=p)
         self.fc1 = L.linear(d, cfg.encoder_ffn_dim, ("embed", "mlp"), rngs, prec=p)
         self.fc2 = L.linear(cfg.encoder_ffn_dim, d, ("mlp", "embed"), rngs, prec=p)
@@ -97,12 +93,11 @@ class BartEncoderLayer(nnx.Module):
 
 
 class BartEncoder(nnx.Module):
-    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
-        p = cfg.precision
-        self.cfg = cfg
+    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs, p: L.Precision, remat: bool, remat_policy: str | None):
+        self.remat, self.remat_policy = remat, remat_policy
         self.embed_positions = L.embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.d_model, rngs,
                                        prec=p, axes=("pos", "embed"))
-        self.layers = nnx.List([BartEncoderLayer(cfg, rngs) for _ in range(cfg.encoder_layers)])
+        self.layers = nnx.List([BartEncoderLayer(cfg, rngs, p) for _ in range(cfg.encoder_layers)])
         self.layernorm_embedding = L.layer_norm(cfg.d_model, cfg.layer_norm_eps, rngs, prec=p)
         self.dropout = nnx.Dropout(cfg.dropout)
 
@@ -113,7 +108,7 @@ class BartEncoder(nnx.Module):
 
         def run(layer, x, bias, rngs):
             return layer(x, bias, deterministic=deterministic, rngs=rngs)
-        run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
+        run = L.maybe_remat(run, self.remat, self.remat_policy)
         bias = L.padding_bias(attention_mask)
         for layer in self.layers:
             x = run(layer, x, bias, rngs)
@@ -121,12 +116,14 @@ class BartEncoder(nnx.Module):
 
 
 class BartModel(nnx.Module):
-    """`shared` token embedding + encoder; `pooled` = mean over all positions (CLAP's pooling)."""
+    """`shared` token embedding + encoder; `pooled` = mean over all positions (CLAP's pooling). `prec` sets the
+    compute and parameter dtypes, `remat` / `remat_policy` checkpoint each layer's activations."""
 
-    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: BartConfig, rngs: nnx.Rngs, *, prec: L.Precision = L.Precision(), remat: bool = False,
+                 remat_policy: str | None = None):
         self.cfg = cfg
-        self.shared = L.embed(cfg.vocab_size, cfg.d_model, rngs, prec=cfg.precision)
-        self.encoder = BartEncoder(cfg, rngs)
+        self.shared = L.embed(cfg.vocab_size, cfg.d_model, rngs, prec=prec)
+        self.encoder = BartEncoder(cfg, rngs, prec, remat, remat_policy)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
                  rngs=None, pooled_only: bool = False) -> TextOutput:

@@ -37,10 +37,6 @@ class BertConfig:
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
     position_style: str = "roberta"  # 'roberta' (from input ids) | 'absolute' (BERT)
-    remat: bool = False
-    remat_policy: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.position_style not in ("roberta", "absolute"):
@@ -65,15 +61,15 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf_config, **kw) -> "BertConfig":
         """From a transformers RobertaConfig / BertConfig / ClapTextConfig."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in
-                 ("position_style", "remat", "remat_policy", "dtype", "param_dtype")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "position_style"]
         vals = {n: getattr(hf_config, n) for n in names if hasattr(hf_config, n)}
         style = "absolute" if hf_config.model_type == "bert" else "roberta"
         return cls(**{**vals, "position_style": style, **kw})
 
     @property
-    def precision(self) -> L.Precision:
-        return L.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+    def output_width(self) -> int:
+        """Width of the pooled feature (input of `text_projection`), the same property on every text config."""
+        return self.hidden_size
 
 
 class TextOutput(NamedTuple):
@@ -87,8 +83,8 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
 
 
 class BertEmbeddings(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        p, d = cfg.precision, cfg.hidden_size
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
+        d = cfg.hidden_size
         self.cfg = cfg
         self.word_embeddings = L.embed(cfg.vocab_size, d, rngs, prec=p, axes=("vocab", "embed"))
         self.position_embeddings = L.embed(cfg.max_position_embeddings, d, rngs, prec=p, axes=("pos", "embed"))
@@ -111,8 +107,8 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        p, d = cfg.precision, cfg.hidden_size
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
+        d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.query = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
         self.key = L.linear(d, d, ("embed", "heads"), rngs, prec=p)
@@ -127,8 +123,7 @@ class BertSelfAttention(nnx.Module):
 class BertSelfOutput(nnx.Module):
     """dense → dropout → LayerNorm(· + residual); also BertOutput with `din` = intermediate size."""
 
-    def __init__(self, cfg: BertConfig, din: int, axes: tuple[str, str], rngs: nnx.Rngs):
-        p = cfg.precision
+    def __init__(self, cfg: BertConfig, din: int, axes: tuple[str, str], rngs: nnx.Rngs, p: L.Precision):
         self.dense = L.linear(din, cfg.hidden_size, axes, rngs, prec=p)
         self.LayerNorm = L.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, prec=p)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
@@ -139,10 +134,10 @@ class BertSelfOutput(nnx.Module):
 
 
 class BertAttention(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
         # `self` mirrors transformers' attribute name (`attention.self.query`), so keys map by name.
-        self.self = BertSelfAttention(cfg, rngs)
-        self.output = BertSelfOutput(cfg, cfg.hidden_size, ("heads", "embed"), rngs)
+        self.self = BertSelfAttention(cfg, rngs, p)
+        self.output = BertSelfOutput(cfg, cfg.hidden_size, ("heads", "embed"), rngs, p)
 
     def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_rows=None):
         a = self.self(x, bias, deterministic=deterministic, rngs=rngs, pooled_rows=pooled_rows)
@@ -150,8 +145,8 @@ class BertAttention(nnx.Module):
 
 
 class BertIntermediate(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        self.dense = L.linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs, prec=cfg.precision)
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
+        self.dense = L.linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs, prec=p)
         self.act = L.activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -159,10 +154,10 @@ class BertIntermediate(nnx.Module):
 
 
 class BertLayer(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        self.attention = BertAttention(cfg, rngs)
-        self.intermediate = BertIntermediate(cfg, rngs)
-        self.output = BertSelfOutput(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs)
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
+        self.attention = BertAttention(cfg, rngs, p)
+        self.intermediate = BertIntermediate(cfg, rngs, p)
+        self.output = BertSelfOutput(cfg, cfg.intermediate_size, ("mlp", "embed"), rngs, p)
 
     def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_rows=None):
         """(B, L, D) → (B, L, D); with `pooled_rows` (B, M, D), rows of `x`, only those rows' outputs."""
@@ -171,16 +166,16 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.layer = nnx.List([BertLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision, remat: bool, remat_policy: str | None):
+        self.remat, self.remat_policy = remat, remat_policy
+        self.layer = nnx.List([BertLayer(cfg, rngs, p) for _ in range(cfg.num_hidden_layers)])
 
     def __call__(self, x, bias, *, deterministic=True, rngs=None, pooled_only=False):
         """With `pooled_only` the last layer computes only token 0 (what the pooler reads):
         its other rows feed nothing downstream, so the result is (B, 1, D)."""
         def run(layer, x, bias, rngs):
             return layer(x, bias, deterministic=deterministic, rngs=rngs)
-        run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
+        run = L.maybe_remat(run, self.remat, self.remat_policy)
         last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
             if pooled_only and i == last:
@@ -191,21 +186,23 @@ class BertEncoder(nnx.Module):
 
 
 class BertPooler(nnx.Module):
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        self.dense = L.linear(cfg.hidden_size, cfg.hidden_size, ("embed", "hidden"), rngs, prec=cfg.precision)
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, p: L.Precision):
+        self.dense = L.linear(cfg.hidden_size, cfg.hidden_size, ("embed", "hidden"), rngs, prec=p)
 
     def __call__(self, x):
         return jnp.tanh(self.dense(x[:, 0]))
 
 
 class BertModel(nnx.Module):
-    """RobertaModel / BertModel with its pooler; `pooled` is the pooler output CLAP projects."""
+    """RobertaModel / BertModel with its pooler; `pooled` is the pooler output CLAP projects. `prec` sets the
+    compute and parameter dtypes, `remat` / `remat_policy` checkpoint each layer's activations."""
 
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs, *, prec: L.Precision = L.Precision(), remat: bool = False,
+                 remat_policy: str | None = None):
         self.cfg = cfg
-        self.embeddings = BertEmbeddings(cfg, rngs)
-        self.encoder = BertEncoder(cfg, rngs)
-        self.pooler = BertPooler(cfg, rngs)
+        self.embeddings = BertEmbeddings(cfg, rngs, prec)
+        self.encoder = BertEncoder(cfg, rngs, prec, remat, remat_policy)
+        self.pooler = BertPooler(cfg, rngs, prec)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
                  rngs=None, pooled_only: bool = False) -> TextOutput:

@@ -29,10 +29,6 @@ class ClipTextConfig:
     layers: int = 12
     act: str = "gelu"  # 'gelu' (LAION's default, exact) or 'quick_gelu' (OpenAI's CLIP)
     layer_norm_eps: float = 1e-5
-    remat: bool = False
-    remat_policy: str | None = None
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -47,8 +43,9 @@ class ClipTextConfig:
                    act="quick_gelu" if quick_gelu else "gelu", **kw)
 
     @property
-    def precision(self) -> L.Precision:
-        return L.Precision(jnp.dtype(self.dtype), jnp.dtype(self.param_dtype))
+    def output_width(self) -> int:
+        """Width of the pooled feature (input of `text_projection`), the same property on every text config."""
+        return self.width
 
 
 class MultiheadAttention(nnx.Module):
@@ -84,8 +81,7 @@ class Mlp(nnx.Module):
 
 
 class ResidualAttentionBlock(nnx.Module):
-    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs):
-        p = cfg.precision
+    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs, p: L.Precision):
         self.ln_1 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
         self.attn = MultiheadAttention(cfg.width, cfg.heads, rngs, p)
         self.ln_2 = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
@@ -108,14 +104,19 @@ def causal_bias(n: int) -> np.ndarray:
 
 
 class ClipTextTransformer(nnx.Module):
-    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs):
-        p = cfg.precision
+    """`prec` sets the compute and parameter dtypes, `remat` / `remat_policy` checkpoint each block's activations."""
+
+    def __init__(self, cfg: ClipTextConfig, rngs: nnx.Rngs, *, prec: L.Precision = L.Precision(), remat: bool = False,
+                 remat_policy: str | None = None):
+        p = prec
         self.cfg = cfg
+        self.compute_dtype = p.dtype
+        self.remat, self.remat_policy = remat, remat_policy
         self.token_embedding = L.embed(cfg.vocab_size, cfg.width, rngs, prec=p, init_std=0.02)
         self.positional_embedding = nnx.Param(
             nnx.initializers.normal(0.01)(rngs.params(), (cfg.context_length, cfg.width), p.param_dtype),
             logical_axes=("pos", "embed"))
-        self.resblocks = nnx.List([ResidualAttentionBlock(cfg, rngs) for _ in range(cfg.layers)])
+        self.resblocks = nnx.List([ResidualAttentionBlock(cfg, rngs, p) for _ in range(cfg.layers)])
         self.ln_final = L.layer_norm(cfg.width, cfg.layer_norm_eps, rngs, prec=p)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic=True,
@@ -129,12 +130,12 @@ class ClipTextTransformer(nnx.Module):
         n = input_ids.shape[1]
         if n > self.cfg.context_length:
             raise ValueError(f"{n} tokens exceed the context length {self.cfg.context_length}")
-        x = self.token_embedding(input_ids) + self.positional_embedding[...][:n].astype(self.cfg.precision.dtype)
+        x = self.token_embedding(input_ids) + self.positional_embedding[...][:n].astype(self.compute_dtype)
         bias = jnp.asarray(causal_bias(n))[None, None]
 
         def run(block, x):
             return block(x, bias)
-        run = L.maybe_remat(run, self.cfg.remat, self.cfg.remat_policy)
+        run = L.maybe_remat(run, self.remat, self.remat_policy)
         eot = jnp.argmax(input_ids, axis=-1)
         last = len(self.resblocks) - 1
         for i, block in enumerate(self.resblocks):
