@@ -118,7 +118,7 @@ def profile(batch: int, text_layers: int, tiny: bool, out_dir: str) -> dict:
     import jax
     from benchmarks import train_step as T
     from clapjax.train import config as C, sharding, step as S
-    from clapjax.train.loop import device_batch
+    from clapjax.train.batches import device_batch
     import clapjax
     cfg = T.train_config(batch, text_layers, tiny=tiny)
     model_cfg = C.model_config(cfg)

@@ -36,7 +36,7 @@ def train_config(batch: int, text_layers: int, *, dtype: str = "float32", tiny: 
 
 
 def random_batch(cfg, model_cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    from clapjax.train.loop import RandomBatches
+    from clapjax.train.batches import RandomBatches
     vocab = model_cfg.text.vocab_size
     b = next(RandomBatches(cfg.train.batch_size, model_cfg.frontend.clip_samples, vocab, seed=seed))
     return {k: v for k, v in b.items() if k != "index"}
@@ -47,7 +47,7 @@ def clapjax_step(cfg, steps: int, one_device: bool = False) -> dict:
     device, or on the first only (`one_device`: the process may have been given 8 host devices)."""
     import jax
     from clapjax.train import config as C, sharding, step as S
-    from clapjax.train.loop import device_batch
+    from clapjax.train.batches import device_batch
     model_cfg = C.model_config(cfg)
     devices = jax.devices()[:1] if one_device else jax.devices()
     mesh = sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp}, devices=devices)

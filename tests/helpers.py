@@ -15,3 +15,33 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         pytest.fail(f"this test needs {', '.join(missing)} to write its audio files; {INSTALL_HINT}", pytrace=False)
+
+
+def comparable_metrics(records: list[dict]) -> list[tuple]:
+    """The per-step figures of metrics.jsonl that a resumed run must reproduce bit for bit."""
+    return [(m["step"], m["loss"], m["grad_norm"], m["finite"], m["nonfinite_total"], m["scale_a"]) for m in records]
+
+
+def restore_train_state(checkpointer, abstract_state, step: int) -> dict:
+    """Only the train state of checkpoint `step`, onto the shardings `abstract_state` names (also for a
+    checkpoint written by another process count, whose data states `Checkpointer.restore` refuses)."""
+    import orbax.checkpoint as ocp
+    state = ocp.args.PyTreeRestore(item=abstract_state,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+    return dict(checkpointer.manager.restore(step, args=ocp.args.Composite(state=state)).state)
+
+
+def saved_data_states(checkpointer, step: int) -> dict:
+    """The `data` item of checkpoint `step` as saved: the process count and every process's iterator state."""
+    import orbax.checkpoint as ocp
+    return checkpointer.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+
+def random_roberta(*, pooler: bool = True, seed: int = 0, **geometry):
+    """A transformers RobertaModel with roberta-base's config but `geometry` (sizes), random weights
+    from torch seed `seed`."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+    from clapjax.convert.torch_reference import ROBERTA_BASE
+    torch.manual_seed(seed)
+    return RobertaModel(RobertaConfig(**{**ROBERTA_BASE, **geometry}), add_pooling_layer=pooler)

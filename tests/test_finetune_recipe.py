@@ -62,14 +62,14 @@ def _setup(ckpt, *overrides):
 def test_init_checkpoint_loads_every_variable_and_takes_its_architecture(small, tmp_path):
     from clapjax import saved_model
     from clapjax.saved_model import model_variables
-    from clapjax.train import init_towers, step as S
+    from clapjax.train import model_io, step as S
     cfg, mc, setup = _setup(small, "model.dtype=bfloat16", "model.audio_overrides.drop_path_rate=0.0")
     saved, _ = saved_model.read_config(small)
     assert mc.audio.embed_dim == saved.audio.embed_dim == 8 and mc.joint_embed_shape == 16  # not the base config's
     assert mc.audio.dtype == mc.text.dtype == "bfloat16" and mc.audio.drop_path_rate == 0.0
     state = S.init_state(setup, cfg, mc, seed=123)
     lines = []
-    state = init_towers.load_checkpoint(cfg, setup, state, log=lines.append)
+    state = model_io.load_checkpoint(cfg, setup, state, log=lines.append)
     want = {k: np.asarray(v.get_value()) for k, v in model_variables(saved_model.restore(small)).items()}
     got = {**state["params"], **state["batch_stats"]}
     assert set(want) <= set(got) and len(want) > 50
@@ -77,7 +77,7 @@ def test_init_checkpoint_loads_every_variable_and_takes_its_architecture(small, 
         assert np.array_equal(np.asarray(got[k]), v), k
     assert "every model variable" in lines[0]
     # exported again: the same variables, bit for bit
-    init_towers.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
+    model_io.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
     again = {k: np.asarray(v.get_value()) for k, v in model_variables(saved_model.restore(str(tmp_path / "model"))).items()}
     assert all(np.array_equal(again[k], want[k]) for k in want)
     assert saved_model.read_config(str(tmp_path / "model"))[1] == "clapjax-train"
@@ -88,7 +88,7 @@ def test_export_carries_the_source_layout_and_its_buffers_over(small, tmp_path):
     checked buffers (STFT kernels, position ids, …) of the starting checkpoint go with it."""
     import shutil
     from clapjax import saved_model
-    from clapjax.train import init_towers, step as S
+    from clapjax.train import model_io, step as S
     src = tmp_path / "from-laion"
     shutil.copytree(small, src)
     meta = json.loads((src / "config.json").read_text())
@@ -97,7 +97,7 @@ def test_export_carries_the_source_layout_and_its_buffers_over(small, tmp_path):
     np.savez(src / saved_model.EXTRAS, **buffers)
     cfg, mc, setup = _setup(str(src))
     state = S.init_state(setup, cfg, mc, seed=0)
-    init_towers.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
+    model_io.export_model(cfg, setup, state, mc, str(tmp_path / "model"))
     assert saved_model.read_config(str(tmp_path / "model"))[1] == "laion"
     extras = saved_model.read_extras(str(tmp_path / "model"))
     assert np.array_equal(extras["text_branch.embeddings.position_ids"], buffers["text_branch.embeddings.position_ids"])
@@ -128,12 +128,12 @@ def test_init_checkpoint_that_does_not_fit_fails_naming_the_key(small, tmp_path,
     """The check load_checkpoint makes first, from the Orbax metadata, before any value is read."""
     from clapjax import saved_model
     from clapjax.saved_model import model_variables
-    from clapjax.train import init_towers
+    from clapjax.train import model_io
     bad = _tamper(small, tmp_path, damage)
     expected = {k: v.shape for k, v in model_variables(saved_model.abstract_model(saved_model.read_config(small)[0])).items()}
-    init_towers.check_checkpoint(small, expected)  # the intact one fits
+    model_io.check_checkpoint(small, expected)  # the intact one fits
     with pytest.raises(ValueError, match="does not fit the model") as err:
-        init_towers.check_checkpoint(bad, expected)
+        model_io.check_checkpoint(bad, expected)
     assert named in str(err.value)
 
 

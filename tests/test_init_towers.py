@@ -15,6 +15,7 @@ import torch
 from flax import nnx
 
 import reference as ref
+from helpers import random_roberta
 from clapjax import saved_model
 from clapjax.convert import keymap as K
 from clapjax.model import CLAPModel
@@ -35,15 +36,12 @@ def model():
     return nnx.eval_shape(lambda: CLAPModel(C.model_config(_cfg()), nnx.Rngs(0)))
 
 
-def _roberta(pooler=True, seed=0):
-    from transformers import RobertaConfig, RobertaModel
-    torch.manual_seed(seed)
+def _roberta(pooler=True):
+    """A RobertaModel in the tiny config's text geometry."""
     text = C.model_config(_cfg()).text
-    hf = RobertaConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-                       num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-                       intermediate_size=text.intermediate_size, max_position_embeddings=text.max_position_embeddings,
-                       type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
-    return RobertaModel(hf, add_pooling_layer=pooler)
+    return random_roberta(pooler=pooler, vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                          num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+                          intermediate_size=text.intermediate_size, max_position_embeddings=text.max_position_embeddings)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from helpers import comparable_metrics
 from clapjax.app import cli
 from clapjax.train import distributed, launch
 
@@ -206,10 +207,6 @@ def uninterrupted(tmp_path_factory, jax_cache):
     return workdir, out
 
 
-def _comparable(records):
-    return [(m["step"], m["loss"], m["grad_norm"], m["finite"], m["nonfinite_total"], m["scale_a"]) for m in records]
-
-
 def test_local_launch_trains_two_processes_of_four_devices(uninterrupted):
     workdir, out = uninterrupted
     assert [m["step"] for m in metrics(workdir)] == list(range(1, STEPS + 1))
@@ -241,4 +238,4 @@ def test_a_killed_process_stops_the_launch_and_the_relaunch_resumes_bit_identica
 
     rc, out = finish_launch(*start_launch(workdir, jax_cache, log_path), log_path)
     assert rc == 0 and f"[0] resumed from step {max(kept)}" in out, out[-3000:]
-    assert _comparable(metrics(workdir)) == _comparable(metrics(uninterrupted[0])), f"killed at step {reached}"
+    assert comparable_metrics(metrics(workdir)) == comparable_metrics(metrics(uninterrupted[0])), f"killed at step {reached}"

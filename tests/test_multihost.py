@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import restore_train_state, saved_data_states
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as C
 from clapjax.train import distributed, sharding
@@ -147,11 +148,11 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, jax_
     # their checkpoint: every process's data position, and a state that loads in one process
     ck = ckpt_lib.Checkpointer(str(multi / "checkpoints"))
     assert ck.all_steps() == [4, 8]
-    data = ck.read_json("data", 8)
+    data = saved_data_states(ck, 8)
     assert data["process_count"] == 2 and [d["index"] for d in data["processes"]] == [8, 8]
     with pytest.raises(ValueError, match="2 processes"):
         ck.restore(_abstract(), 8)
-    state = ck.restore_state(_abstract(), 8)
+    state = restore_train_state(ck, _abstract(), 8)
     assert int(state["step"]) == 8 and int(state["nonfinite_total"]) == 1
     # (parameters are not compared: Adam turns the last-ulp gradient differences of near-zero
     # gradients into lr-sized steps; the losses above are the acceptance criterion)

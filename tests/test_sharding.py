@@ -81,9 +81,19 @@ class _Small(nnx.Module):
         self.down = layers.linear(32, 8, ("mlp", "embed"), rngs)
 
 
+def _init_sharded(build_fn, mesh, rules):
+    """A model built already sharded, `(graphdef, state)`: its shapes traced once with `nnx.eval_shape`,
+    then the real initialiser run under `jax.jit` with out_shardings, so each device only ever
+    materialises its own shards."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build_fn))
+    state = jax.jit(lambda: nnx.split(build_fn())[1],
+                    out_shardings=sharding.state_shardings(abstract_state, mesh, rules))()
+    return graphdef, state
+
+
 def test_state_shardings_and_init_sharded_equal_eager_init():
     mesh = sharding.make_mesh((2, 4))
-    graphdef, state = sharding.init_sharded(lambda: _Small(nnx.Rngs(3)), mesh, sharding.RULES_FSDP)
+    graphdef, state = _init_sharded(lambda: _Small(nnx.Rngs(3)), mesh, sharding.RULES_FSDP)
     eager = nnx.state(_Small(nnx.Rngs(3)))
     got = jax.tree.map(np.asarray, state)
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(eager)):
@@ -124,7 +134,7 @@ def fsdp_clap():
     """Tiny CLAP params + AdamW state, created sharded on (1, 8); the init compiles once (~25 s)."""
     mesh = sharding.make_mesh((1, 8))
     cfg = _tiny_cfg()
-    graphdef, state = sharding.init_sharded(lambda: CLAPModel(cfg, nnx.Rngs(0)), mesh, sharding.RULES_FSDP)
+    graphdef, state = _init_sharded(lambda: CLAPModel(cfg, nnx.Rngs(0)), mesh, sharding.RULES_FSDP)
     params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
     tx = optax.adamw(1e-3, weight_decay=0.1)
     opt_shardings = sharding.state_shardings(jax.eval_shape(tx.init, params), mesh, sharding.RULES_FSDP)
@@ -245,7 +255,7 @@ def test_data_parallel_fsdp_and_hybrid_steps_agree_in_one_process():
     first step's gradients reach 2e7, so these are f32 round-offs passed through Adam)."""
     from clapjax.train import config as C
     from clapjax.train import step as S
-    from clapjax.train.loop import RandomBatches
+    from clapjax.train.batches import RandomBatches
 
     def setup_on(data: int, fsdp: int):
         cfg = C.load_config("tiny", ["compiler_options.xla_backend_optimization_level=0",

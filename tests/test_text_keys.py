@@ -5,6 +5,7 @@ import torch
 from flax import nnx
 
 import reference as ref
+from helpers import random_roberta
 from clapjax import saved_model
 from clapjax import text as T
 from clapjax.convert import keymap as K
@@ -12,13 +13,11 @@ from clapjax.convert import text_keys
 
 
 def _roberta():
-    from transformers import RobertaConfig, RobertaModel
-    torch.manual_seed(0)
-    hf = RobertaConfig(**{**ref.ROBERTA_BASE, "vocab_size": 120, "hidden_size": 16, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 40})
-    sd = ref.torch_state_dict(RobertaModel(hf))
+    hf = random_roberta(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40)
+    sd = ref.torch_state_dict(hf)
     sd["embeddings.position_ids"] = np.arange(40)[None]  # as checkpoints saved before transformers 4.31 hold it
-    return T.BertModel(T.BertConfig.from_hf(hf), nnx.Rngs(0)), sd
+    return T.BertModel(T.BertConfig.from_hf(hf.config), nnx.Rngs(0)), sd
 
 
 def _bert():

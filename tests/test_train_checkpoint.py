@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import comparable_metrics
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as C
 from clapjax.train import sharding
@@ -175,10 +176,6 @@ def uninterrupted(tmp_path_factory, jax_cache):
     return metrics(workdir)
 
 
-def _comparable(records):
-    return [(m["step"], m["loss"], m["grad_norm"], m["finite"], m["nonfinite_total"], m["scale_a"]) for m in records]
-
-
 def test_nan_batch_is_skipped_counted_logged_and_training_continues(uninterrupted):
     assert [m["step"] for m in uninterrupted] == list(range(1, STEPS + 1))
     bad = uninterrupted[NAN_BATCH]
@@ -238,7 +235,7 @@ def test_kill9_mid_run_and_during_an_async_save_then_resume_is_bit_identical(
 
     out3 = run_to_end(workdir, jax_cache)
     assert "resumed from step 4" in out3, out3[-2000:]
-    assert _comparable(metrics(workdir)) == _comparable(uninterrupted), f"first kill at step {reached}"
+    assert comparable_metrics(metrics(workdir)) == comparable_metrics(uninterrupted), f"first kill at step {reached}"
     assert committed(workdir) == [6, 8]                     # keep_last=2; the stalled temporary dir is gone
     assert not [e for e in os.listdir(workdir / "checkpoints") if not e.isdigit()]
 

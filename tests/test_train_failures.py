@@ -9,6 +9,7 @@ is what it was. One non-finite element among ~10^5 is the hardest case for the s
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import jax
@@ -16,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import restore_train_state
+from clapjax.train import batches
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as C
 from clapjax.train import distributed, optim, sharding
 from clapjax.train import loop as L
 from clapjax.train import step as S
+from clapjax.train.metrics import read_metrics
 
 from test_multihost import run_group, two_process_train
 from test_train_checkpoint import metrics, train_env
@@ -48,9 +52,9 @@ def infinite_gradient_run(tmp_path_factory):
 
 
 def _batch(cfg, index):
-    it = L.RandomBatches(cfg.train.batch_size, C.model_config(cfg).frontend.clip_samples, 300, seed=cfg.seed)
+    it = batches.RandomBatches(cfg.train.batch_size, C.model_config(cfg).frontend.clip_samples, 300, seed=cfg.seed)
     it.set_state({"index": index})
-    return {k: v for k, v in next(it).items() if k in L.MODEL_KEYS}
+    return {k: v for k, v in next(it).items() if k in batches.MODEL_KEYS}
 
 
 def test_finite_loss_with_an_infinite_gradient_leaves_the_state_unchanged_and_is_counted(
@@ -67,7 +71,7 @@ def test_finite_loss_with_an_infinite_gradient_leaves_the_state_unchanged_and_is
     _with_infinite_gradient(monkeypatch)
     step = S.train_step(setup)                      # donating, as in the loop
     for n in (1, 2):
-        state, m = step(state, L.device_batch(_batch(cfg, n - 1), setup.mesh))
+        state, m = step(state, batches.device_batch(_batch(cfg, n - 1), setup.mesh))
         assert np.isfinite(float(m["loss"])) and not bool(m["finite"]), n
         assert not np.isfinite(float(m["grad_norm"]))
         assert int(m["nonfinite_streak"]) == int(m["nonfinite_total"]) == n and int(state["step"]) == n
@@ -79,20 +83,22 @@ def test_finite_loss_with_an_infinite_gradient_leaves_the_state_unchanged_and_is
 
 
 def test_infinite_gradients_stop_the_run_like_nonfinite_losses(infinite_gradient_run, monkeypatch, tmp_path):
-    cfg = infinite_gradient_run
+    cfg = copy.deepcopy(infinite_gradient_run)
+    cfg.export.model = True                       # asked for, but a run stopped this way exports nothing
     _with_infinite_gradient(monkeypatch)
     with pytest.raises(L.NonFiniteLossError, match="2 steps in a row had a non-finite loss or gradient"):
         L.train(cfg, str(tmp_path), log=lambda *a, **k: None)
-    records = L.read_metrics(str(tmp_path))
+    records = read_metrics(str(tmp_path))
     # the loop reads a step's metrics after dispatching the next one, so it stops after step 3
     assert [(r["step"], r["finite"], r["nonfinite_streak"]) for r in records] == [(n, False, n) for n in (1, 2, 3)]
     assert all(np.isfinite(r["loss"]) for r in records)
+    assert not (tmp_path / "model").exists()
     # the state saved at the stop is the initial one (it is finite: the checkpointer refuses anything else)
     mc = C.model_config(cfg)
     setup = S.build_setup(cfg, mc, sharding.make_mesh({"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp}))
     ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
     assert ck.all_steps() == [3]
-    saved = ck.restore_state(setup.abstract, 3)
+    saved = restore_train_state(ck, setup.abstract, 3)
     ck.close()
     initial = S.init_state(setup, cfg, mc, int(cfg.seed))
     for k, x in initial["params"].items():
@@ -100,19 +106,29 @@ def test_infinite_gradients_stop_the_run_like_nonfinite_losses(infinite_gradient
     assert int(saved["step"]) == 3 and int(saved["nonfinite_total"]) == 3
 
 
+def test_data_that_runs_out_stops_the_run_with_that_reason_and_still_exports(infinite_gradient_run, tmp_path):
+    cfg = copy.deepcopy(infinite_gradient_run)
+    cfg.export.model = True
+    lines = []
+    summary = L.train(cfg, str(tmp_path), iter(()), log=lines.append)
+    assert summary["stopped"] is L.StopReason.DATA_RAN_OUT and summary["step"] == 0
+    assert summary["stop_message"] == "the data ran out after step 0" and lines[-1] == summary["stop_message"]
+    assert (tmp_path / "model" / "config.json").is_file()        # only a non-finite stop skips the export
+
+
 # --- one process of two raising ------------------------------------------------------------------------
 
 FAIL_AT_BATCH = 2          # both processes ran steps 1 and 2; the peer waits in step 3's collectives
 DRIVER = """
 import os, sys
-from clapjax.train import loop
+from clapjax.train import batches
 failing, at_batch = int(os.environ["FAIL_PROCESS"]), int(os.environ["FAIL_BATCH"])
-draw = loop.RandomBatches.__next__
+draw = batches.RandomBatches.__next__
 def failing_draw(self):
     if self.first_row == failing * self.local and self.index == at_batch:
         raise OSError(f"injected: process {failing} cannot read its data")
     return draw(self)
-loop.RandomBatches.__next__ = failing_draw
+batches.RandomBatches.__next__ = failing_draw
 from clapjax.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """

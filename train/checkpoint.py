@@ -155,21 +155,3 @@ class Checkpointer:
             raise ValueError(f"checkpoint step {step} was written by {data['process_count']} processes, this run "
                              f"has {jax.process_count()}: the data iterators' states cannot be matched up")
         return dict(out.state), data["processes"][jax.process_index()], out.config
-
-    def read_json(self, item: str, step: int | None = None):
-        """The `config` or `data` item of `step` (default: the latest) as saved (all processes' data)."""
-        if item not in ("config", "data"):
-            raise ValueError(f"item must be 'config' or 'data', got {item!r}")
-        step = self.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint")
-        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
-        return out[item]
-
-    def restore_state(self, abstract_state: Mapping, step: int | None = None) -> dict:
-        """Only the train state (e.g. to evaluate, or to start a run with another process count)."""
-        step = self.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=_restore_args(abstract_state)))
-        return dict(out.state)

@@ -1,4 +1,5 @@
-"""Retrieval and zero-shot metrics with LAION-CLAP's definitions, in jnp.
+"""Retrieval and zero-shot metrics with LAION-CLAP's definitions, in jnp; and the run's metrics log
+(`MetricsLog`: metrics.jsonl + TensorBoard, read back with `read_metrics`).
 
 * `retrieval_metrics` = `laion_clap.training.train.get_metrics`: one caption per clip; mean and
   median rank, R@1/5/10 and mAP@10 (reciprocal rank cut at 10) in both directions, and the
@@ -21,7 +22,10 @@ its ground-truth logit, so the functions run unchanged on batch-sharded global a
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+import json
+import os
+import time
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,7 @@ import numpy as np
 _HIGHEST = jax.lax.Precision.HIGHEST
 RECALL_AT = (1, 5, 10)
 MAP_CUTOFF = 10
+METRICS_FILE = "metrics.jsonl"
 
 
 def logits(a: jax.Array, b: jax.Array, scale=1.0) -> jax.Array:
@@ -176,3 +181,57 @@ def chance_levels(num_candidates: int) -> dict[str, float]:
     out[f"mAP@{MAP_CUTOFF}"] = sum(1.0 / r for r in range(1, min(MAP_CUTOFF, n) + 1)) / n
     out["mean_rank"] = (n + 1) / 2
     return out
+
+
+# --- the run's log ---------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars (`tb/`) of process 0 (other processes write nothing).
+    Wall-clock figures (step time, samples/s) go to TensorBoard only, so metrics.jsonl stays a pure
+    function of the run (resumes are compared with it bit for bit)."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool, batch_size: int = 0):
+        self.path, self.enabled, self.batch_size = path, enabled, batch_size
+        self._tb, self._last = None, None
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=resume_step + 1)
+        kept = []
+        if resume_step > 0 and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        step, now = int(record["step"]), time.time()
+        scalars = {f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._last is not None and step > self._last[0]:
+            per_step = (now - self._last[1]) / (step - self._last[0])
+            scalars.update({"perf/step_time_s": per_step, "perf/samples_per_s": self.batch_size / per_step})
+        self._last = (step, now)
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), step)
+        self._tb.flush()
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """Extra scalars (e.g. periodic evaluation) beside the training curves."""
+        if self.enabled:
+            self._tb.add_scalar(name, float(value), step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of a run's metrics.jsonl, one per logged step."""
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]

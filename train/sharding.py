@@ -181,28 +181,6 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
                                             abstract_state, is_leaf=_is_variable)
 
 
-def state_specs(abstract_state, mesh: Mesh, rules: Rules):
-    """As `state_shardings`, with PartitionSpecs (for `shard_map` or logging)."""
-    return jax.tree.map(lambda s: s.spec, state_shardings(abstract_state, mesh, rules))
-
-
-def init_sharded(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules):
-    """Build a model already sharded: `(graphdef, state)`.
-
-    `build_fn()` constructs the module (it makes its own `nnx.Rngs`). Its shapes are traced once
-    with `nnx.eval_shape`; the real initialiser then runs under `jax.jit` with out_shardings, so
-    each device only ever materialises its own shards.
-    """
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(build_fn))
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    def init():
-        return nnx.split(build_fn())[1]
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state
-
-
 def place(tree, shardings):
     """`jax.device_put` onto given shardings (e.g. a restored or host-built state)."""
     return jax.device_put(tree, shardings)

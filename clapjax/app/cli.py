@@ -160,7 +160,7 @@ def cmd_train(args) -> int:
     summary = loop.train(cfg, args.workdir)
     print(f"trained to step {summary['step']} in {args.workdir} "
           f"({summary['nonfinite_total']} non-finite steps skipped)")
-    return 0 if not summary["stopped"] else 3
+    return 0 if summary["stopped"] is None else 3   # stopped early (the data ran out); non-finite stops raise
 
 
 # --- parser ---------------------------------------------------------------------------------------

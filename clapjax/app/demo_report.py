@@ -64,7 +64,7 @@ def plot(workdir: str, history: list[dict], result, heldout) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from clapjax.train.loop import read_metrics
+    from clapjax.train.metrics import read_metrics
     out = os.path.join(workdir, "plots")
     os.makedirs(out, exist_ok=True)
     paths = []
