@@ -101,6 +101,27 @@ def train(cfg, workdir: str, data_iter: Iterator | None = None, *, log=print, ho
     return summary
 
 
+def _first_state(cfg, setup, model_cfg, checkpointer, data_iter, log) -> tuple[dict, int]:
+    """(state, step) the run goes on from: the latest checkpoint (its data position restored into
+    `data_iter`), else a fresh state, optionally with pretrained towers or a whole saved model.
+    `log` is process 0's (a no-op on the others)."""
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, data_state, saved_cfg = checkpointer.restore(setup.abstract, start)
+        _check_resumable(saved_cfg, cfg)
+        data_iter.set_state(data_state)
+        log(f"resumed from step {start} ({checkpointer.directory})")
+        return state, start
+    state = step_lib.init_state(setup, cfg, model_cfg, int(cfg.seed))
+    if cfg.init.get("checkpoint"):             # fine-tuning: the whole model from a clapjax checkpoint
+        from clapjax.train import model_io
+        state = model_io.load_checkpoint(cfg, setup, state, log=log)
+    elif cfg.init.text or cfg.init.audio:
+        from clapjax.train import init_towers
+        state = init_towers.apply_to_state(cfg, setup, state, log=log)
+    return state, start
+
+
 def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Callable],
          resources: contextlib.ExitStack) -> dict:
     """The body of `train`; what it opens it registers with `resources`."""
@@ -123,20 +144,7 @@ def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Cal
         if hasattr(data_iter, "close"):
             resources.callback(data_iter.close)
 
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, data_state, saved_cfg = checkpointer.restore(setup.abstract, start)
-        _check_resumable(saved_cfg, cfg)
-        data_iter.set_state(data_state)
-        log(f"resumed from step {start} ({checkpointer.directory})") if main else None
-    else:
-        state = step_lib.init_state(setup, cfg, model_cfg, int(cfg.seed))
-        if cfg.init.get("checkpoint"):             # fine-tuning: the whole model from a clapjax checkpoint
-            from clapjax.train import model_io
-            state = model_io.load_checkpoint(cfg, setup, state, log=log if main else (lambda *_: None))
-        elif cfg.init.text or cfg.init.audio:
-            from clapjax.train import init_towers
-            state = init_towers.apply_to_state(cfg, setup, state, log=log if main else (lambda *_: None))
+    state, start = _first_state(cfg, setup, model_cfg, checkpointer, data_iter, log if main else (lambda *_: None))
     metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main, int(cfg.train.batch_size))
     resources.callback(metrics_log.close)
     step_fn = step_lib.train_step(setup)
