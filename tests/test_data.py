@@ -328,6 +328,8 @@ def test_training_on_tar_shards_counts_bad_samples_and_stops_on_too_many(tmp_pat
     """Issue 6's acceptance through the training loop: 2 bad of 50 → trains, 2 counted; 10 of 50 → stops."""
     from clapjax.train import config as C
     from clapjax.train import loop as L
+    from clapjax.train.batches import make_data_iterator
+    from clapjax.train.metrics import read_metrics
     tokdir = train_byte_level_bpe([f"a {w} sound {i}" for w in WORDS for i in range(20)] * 3, tmp_path / "tok",
                                   vocab_size=300)
 
@@ -337,14 +339,14 @@ def test_training_on_tar_shards_counts_bad_samples_and_stops_on_too_many(tmp_pat
         cfg.compiler_options = {"xla_backend_optimization_level": 0}
         cfg.data = dict(kind="tar", shards=str(write_shards(tmp_path / name, bad=bad)), tokenizer=str(tokdir),
                         max_bad_fraction=0.05, window_size=16)
-        it = L.make_data_iterator(cfg, C.model_config(cfg))
+        it = make_data_iterator(cfg, C.model_config(cfg))
         return it, (lambda: L.train(cfg, str(tmp_path / f"work-{name}"), it, log=lambda *a, **k: None))
     it, go = run("two", {7: "corrupt", 23: "no_caption"})
     summary = go()                                   # 7 steps × 8 = 56 samples: past the end of epoch 0
     assert summary["step"] == 7 and not summary["stopped"]
     assert it.stats["bad"] == 2 and {k for k, _ in it.stats["bad_keys"]} == {"shard-000000.tar/s0007",
                                                                              "shard-000002.tar/s0023"}
-    losses = [r["loss"] for r in L.read_metrics(str(tmp_path / "work-two"))]
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "work-two"))]
     assert len(losses) == 7 and all(np.isfinite(losses))
     _, go = run("ten", {i: ("corrupt", "no_caption")[i % 2] for i in range(2, 50, 5)})
     with pytest.raises(D.TooManyBadSamples, match=r"10 of 50 samples read were bad"):

@@ -18,7 +18,7 @@ import reference as ref
 from clapjax.train import config as C
 from clapjax.train import optim, sharding
 from clapjax.train import step as S
-from clapjax.train.loop import RandomBatches
+from clapjax.train.batches import RandomBatches
 
 FAST_COMPILE = "compiler_options.xla_backend_optimization_level=0"  # CPU compiles ~5× faster
 
