@@ -66,7 +66,7 @@ def test_init_checkpoint_loads_every_variable_and_takes_its_architecture(small, 
     cfg, mc, setup = _setup(small, "model.dtype=bfloat16", "model.audio_overrides.drop_path_rate=0.0")
     saved, _ = saved_model.read_config(small)
     assert mc.audio.embed_dim == saved.audio.embed_dim == 8 and mc.joint_embed_shape == 16  # not the base config's
-    assert mc.audio.dtype == mc.text.dtype == "bfloat16" and mc.audio.drop_path_rate == 0.0
+    assert mc.precision.audio.dtype == mc.precision.text.dtype == "bfloat16" and mc.audio.drop_path_rate == 0.0
     state = S.init_state(setup, cfg, mc, seed=123)
     lines = []
     state = model_io.load_checkpoint(cfg, setup, state, log=lines.append)
