@@ -37,10 +37,6 @@ from clapjax.train import config as config_lib
 from clapjax.train import distributed, sharding, step as step_lib
 from clapjax.train.batches import device_batch, make_data_iterator
 from clapjax.train.metrics import METRICS_FILE, MetricsLog
-# Transitional, for two test files outside this change (tests/test_optim_step.py, tests/test_data.py) that
-# still import these from here: delete once they import them from batches / metrics.
-from clapjax.train.batches import RandomBatches  # noqa: F401
-from clapjax.train.metrics import read_metrics  # noqa: F401
 
 CONFIG_FILE = "config.json"
 
