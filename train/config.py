@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=1, max_nonfinite_in_row=10,
     )
     c.checkpoint = dict(every=1000, keep_last=3, keep_every=0, async_save=True)
-    c.data = dict(kind="random")     # 'random' = loop.RandomBatches; other kinds: clapjax.train.data
+    c.data = dict(kind="random")     # 'random' = batches.RandomBatches; other kinds: clapjax.train.data
     # init.checkpoint: a whole model written by `clapjax convert` (or a training export) to fine-tune;
     # its config.json decides the architecture (see model_config). init.text / init.audio: towers only.
     c.init = dict(checkpoint="", text="", text_format="hf", audio="", fresh_keys=(
