@@ -120,7 +120,10 @@ def _first_state(cfg, setup, model_cfg, checkpointer, data_iter, log) -> tuple[d
 
 def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Callable],
          resources: contextlib.ExitStack) -> dict:
-    """The body of `train`; what it opens it registers with `resources`."""
+    """The body of `train`; what it opens it registers with `resources`.
+
+    Kept as one function on purpose (a little over 80 lines): the loop and its stop conditions read as
+    one page, top to bottom; what stands alone (the first state, the batches, the metrics log) is outside."""
     # every program of a run is worth keeping (a resumed or repeated run recompiles nothing)
     enable_compilation_cache(cfg.compilation_cache, min_compile_secs=0.0, min_entry_bytes=-1)
     config_lib.validate(cfg)
