@@ -4,6 +4,7 @@ The commands run in this process through `cli.main` (argparse's own exits arrive
 status the command would return); test_convert_refusals has the subprocess check of a real exit.
 """
 import json
+import os
 import wave
 
 import numpy as np
@@ -68,15 +69,17 @@ def test_embed_audio_missing_input(capsys, ckpt, clip, tmp_path):
 
 def test_missing_checkpoint(capsys, tok_dir, tmp_path):
     refused(capsys, "embed-text", tmp_path / "nowhere", "--tokenizer", tok_dir, "rain", "--out", tmp_path / "t.npy",
-            *NO_CACHE, why=f"{tmp_path / 'nowhere'}: not a clapjax checkpoint (no config.json)")
+            *NO_CACHE, why=f"{str(tmp_path / 'nowhere')!r}: no such file or directory, not a laion-clap release name")
     assert not (tmp_path / "t.npy").exists()
 
 
-def test_hf_model_directory_given_as_a_checkpoint(capsys, tok_dir, tmp_path):
+def test_hf_model_directory_given_as_a_model_is_converted_into_the_cache(capsys, tok_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAPJAX_CACHE", str(tmp_path / "cache"))
     hf_model(False).save_pretrained(tmp_path / "hf")
-    refused(capsys, "embed-text", tmp_path / "hf", "--tokenizer", tok_dir, "rain", "--out", tmp_path / "t.npy",
-            *NO_CACHE, why="config.json is not a clapjax checkpoint's config (a Hugging Face model directory?")
-    assert not (tmp_path / "t.npy").exists()
+    status, out, err = run_main(capsys, "embed-text", tmp_path / "hf", "--tokenizer", tok_dir, "rain",
+                                "--out", tmp_path / "t.npy", *NO_CACHE)
+    assert status == 0, err
+    assert np.load(tmp_path / "t.npy").shape[0] == 1 and len(os.listdir(tmp_path / "cache" / "converted")) == 1
 
 
 @pytest.mark.parametrize("command", ["embed-text", "zero-shot", "retrieve"])
@@ -85,7 +88,9 @@ def test_text_commands_need_a_tokenizer(capsys, ckpt, clip, tmp_path, command):
     (tmp_path / "a.paths.json").write_text(json.dumps(["x.wav", "y.wav"]))
     rest = {"embed-text": ["rain", "--out", tmp_path / "t.npy"], "zero-shot": [clip, "--labels", "dog,rain"],
             "retrieve": [tmp_path / "a.npy", "rain"]}[command]
-    refused(capsys, command, ckpt, *rest, *NO_CACHE, why="this command needs --tokenizer DIR")
+    refused(capsys, command, ckpt, *rest, *NO_CACHE,
+            why=f"{ckpt} has no tokenizer of its own (a model trained or converted by clapjax from a local file "
+                "records none): this command needs one, pass --tokenizer DIR")
     assert not (tmp_path / "t.npy").exists()
 
 

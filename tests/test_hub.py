@@ -50,7 +50,7 @@ def clap_repo(hub_root, bpe_dir, tmp_path_factory):
     old_commit = hub_cache.add_commit(hub_root, REPO, old_files, ref=None)
     files, model = hub_cache.write_clap_repo_files(d / "main", bpe_dir, seed=0, bin_seed=2)
     commit = hub_cache.add_commit(hub_root, REPO, files)
-    return {"model": model, "commit": commit, "old": old, "old_commit": old_commit}
+    return {"model": model, "commit": commit, "old": old, "old_commit": old_commit, "bpe": bpe_dir}
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +320,34 @@ def test_a_model_directory_finds_its_tokenizer_by_its_recorded_source(clap_repo,
     pipeline.convert(snapshot, str(tmp_path / "plain"), log=quiet)
     assert saved_model.read_provenance(str(tmp_path / "plain")) is None
     assert pretrained.find(str(tmp_path / "plain")).tokenizer() is None
+
+
+def test_from_pretrained_by_name_gives_the_pytorch_models_embeddings(clap_repo, laion_release, text_tower_repos,
+                                                                     tmp_path, conversions):
+    """`CLAP.from_pretrained(NAME)` with no tokenizer argument: the HF repo's own tokenizer, and for a laion
+    release its text tower's (roberta-base), as each reference tokenizes."""
+    from transformers import ClapProcessor, RobertaTokenizer
+    texts = ["a dog barks", "rain falls on a tin roof while thunder rolls far away", TRICKY[-1]]
+    clap = CLAP.from_pretrained(REPO, conversion_cache_dir=tmp_path, compilation_cache=None)
+    t_in = ClapProcessor.from_pretrained(REPO)(text=texts, padding="max_length", max_length=77, truncation=True,
+                                               return_tensors="pt")
+    laion_model, _ = laion_release
+    laion = CLAP.from_pretrained("630k-best", conversion_cache_dir=tmp_path, compilation_cache=None)
+    tokens = RobertaTokenizer.from_pretrained("roberta-base")(texts, padding="max_length", truncation=True,
+                                                             max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        hf_text = clap_repo["model"].get_text_features(**t_in).pooler_output.numpy()
+        laion_text = laion_model.get_text_embedding(dict(tokens)).numpy()
+    for name, ours, theirs in ((REPO, clap.get_text_embedding(texts), hf_text),
+                               ("630k-best", laion.get_text_embedding(texts), laion_text)):
+        max_abs, cos = ref.compare(ours, theirs)
+        print(f"from_pretrained({name!r}) text: max-abs {max_abs:.3g}, min cos {cos:.8f}")
+        assert max_abs <= MAX_ABS and cos >= MIN_COS
+    assert len(conversions) == 2
+    # an explicit tokenizer still wins; False: none looked up
+    explicit = Tokenizer(clap_repo["bpe"], kind="roberta")
+    assert CLAP.from_pretrained(REPO, tokenizer=explicit, conversion_cache_dir=tmp_path,
+                                compilation_cache=None).tokenizer is explicit
+    assert CLAP.from_pretrained(REPO, tokenizer=False, conversion_cache_dir=tmp_path,
+                                compilation_cache=None).tokenizer is None
+    assert len(conversions) == 2

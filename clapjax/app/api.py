@@ -1,6 +1,6 @@
 """Inference with the names laion_clap users know (`CLAP_Module` → `clapjax.CLAP`).
 
-    clap = clapjax.CLAP.from_pretrained("converted/", tokenizer="tokenizer/")
+    clap = clapjax.CLAP.from_pretrained("laion/clap-htsat-unfused")   # or a path, or "630k-audioset-best"
     a = clap.get_audio_embedding_from_filelist(["dog.wav", "rain.flac"])   # (N, 512), L2-normalised
     t = clap.get_text_embedding(["a dog barks", "rain falls"])             # (N, 512)
 
@@ -51,15 +51,30 @@ class CLAP:
         self._audio_fn, self._text_fn = embedding_functions(graphdef, AUDIO_ROWS_PER_STEP)
 
     @classmethod
-    def from_pretrained(cls, directory: str, tokenizer: str | Tokenizer | None = None, *, sharding=None,
+    def from_pretrained(cls, name_or_path: str, tokenizer: str | Tokenizer | bool | None = None, *,
+                        revision: str | None = None, cache_dir: str | None = None,
+                        conversion_cache_dir: str | None = None, sharding=None,
                         compilation_cache: str | None = DEFAULT_CACHE, **kw) -> "CLAP":
-        """A checkpoint written by `clapjax convert` (and optionally a local tokenizer directory)."""
+        """A model by name or path (clapjax.convert.pretrained.find): a clapjax model directory; a laion `.pt`,
+        HF ClapModel directory or `.safetensors` (converted once into the conversion cache); a Hugging Face repo
+        id (`laion/clap-htsat-unfused`); a laion-clap release name (`630k-audioset-best`). `revision` picks a
+        repo's commit, `cache_dir` the Hub cache, `conversion_cache_dir` clapjax's (default $CLAPJAX_CACHE or
+        ~/.cache/clapjax). `tokenizer`: None → the model's own (None when it has none), a directory or a
+        Tokenizer → that one, False → none (audio only: nothing is looked up for it)."""
         from clapjax import saved_model
+        from clapjax.convert import pretrained
         enable_compilation_cache(compilation_cache)
-        model = saved_model.restore(directory, sharding)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            kind = model.config.tmodel
-            tokenizer = Tokenizer(tokenizer, kind=kind, max_length=getattr(model.config.text, "context_length", 77))
+        own = tokenizer is None
+        found = pretrained.find(os.fspath(name_or_path), revision=revision, cache_dir=cache_dir,
+                                conversion_cache_dir=conversion_cache_dir, tokenizer=own, log=lambda s: None)
+        model = saved_model.restore(found.model_dir, sharding)
+        max_length = getattr(model.config.text, "context_length", 77)
+        if own:
+            tokenizer = found.tokenizer(max_length)
+        elif tokenizer is False:
+            tokenizer = None
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = Tokenizer(tokenizer, kind=model.config.tmodel, max_length=max_length)
         return cls(model, tokenizer, **kw)
 
     # --- batching ---------------------------------------------------------------------------------
@@ -104,7 +119,8 @@ class CLAP:
             batch = {k: np.asarray(v) for k, v in x.items()}
         else:
             if self.tokenizer is None:
-                raise ValueError("no tokenizer: pass tokenizer=DIR to from_pretrained, or token ids as a dict")
+                raise ValueError("no tokenizer: this model has none of its own; pass tokenizer=DIR to from_pretrained, "
+                                 "or token ids as a dict")
             batch = self.tokenizer(x)
         return self._run(self._text_fn, batch, trim=self._text_length)
 

@@ -1,4 +1,4 @@
-"""`clapjax` command line: convert, export, embed-audio, embed-text, zero-shot, retrieve, train, launch, eval."""
+"""`clapjax` command line: convert, download, export, embed-audio, embed-text, zero-shot, retrieve, train, launch, eval."""
 from __future__ import annotations
 
 import argparse
@@ -44,31 +44,57 @@ def _embed_files(clap, paths: list[str], seed: int | None, chunk: int = 32) -> n
 
 def _load(args, need_tokenizer: bool = False):
     from clapjax.app.api import CLAP
-    if need_tokenizer and not args.tokenizer:
-        raise ValueError("this command needs --tokenizer DIR (vocab.json + merges.txt, or tokenizer.json)")
-    return CLAP.from_pretrained(args.checkpoint, tokenizer=getattr(args, "tokenizer", None),
+    # an audio-only command looks up no tokenizer (a laion .pt's would be fetched for nothing)
+    tokenizer = (args.tokenizer or None) if need_tokenizer else False
+    clap = CLAP.from_pretrained(args.checkpoint, tokenizer=tokenizer, revision=args.revision,
                                 compilation_cache=args.compilation_cache)
+    if need_tokenizer and clap.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer of its own (a model trained or converted by clapjax "
+                         "from a local file records none): this command needs one, pass --tokenizer DIR "
+                         "(vocab.json + merges.txt, or tokenizer.json)")
+    return clap
 
 
 # --- commands -------------------------------------------------------------------------------------
 
 def cmd_convert(args) -> int:
-    from clapjax.convert import keymap, pipeline
+    from clapjax import saved_model
+    from clapjax.convert import hub, keymap, pipeline
+    located = hub.locate(args.src, revision=args.revision)
+    src = args.src if located.repo_id is None else located.path  # a local path's messages name it as the user did
     try:
-        report = pipeline.convert(args.src, args.out_dir, amodel=args.amodel, tmodel=args.tmodel,
+        report = pipeline.convert(src, args.out_dir, amodel=args.amodel, tmodel=args.tmodel,
                                   fusion=args.fusion)
     except keymap.KeyMappingError as err:
         print(err.report.summary(), file=sys.stderr)
         print(f"error: {err}\nnothing was written.", file=sys.stderr)
         return 2
+    if located.repo_id is not None:  # from a repo: the model's own tokenizer is found again by its source
+        saved_model.set_provenance(args.out_dir, {"name": args.src, **located.provenance})
     print(report.summary())
     print(f"wrote {args.out_dir} (Orbax variables, config.json, key_report.json)")
     if args.verify:
         from clapjax.convert import verify
-        result = verify.verify(args.src, args.out_dir)
+        result = verify.verify(src, args.out_dir)
         print(result)
         return 0 if result.ok else 3
     return 0
+
+
+def cmd_download(args) -> int:
+    from clapjax.convert import conversion_cache, pretrained
+    found = pretrained.find(args.name, revision=args.revision, log=print)
+    print(f"Hub cache: {_hub_cache()}")
+    print(f"converted model: {found.model_dir}")
+    print(f"tokenizer: {found.tokenizer_dir or 'none of its own'}")
+    print(f"conversion cache: {conversion_cache.cache_root()} (copy both caches to use {args.name} offline, "
+          "with HF_HUB_OFFLINE=1)")
+    return 0
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
 
 
 def cmd_export(args) -> int:
@@ -165,10 +191,21 @@ def cmd_train(args) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
+MODEL_HELP = ("a clapjax model directory; a laion-clap .pt, HF ClapModel directory or .safetensors (converted once "
+              "into the conversion cache); a Hugging Face repo id (laion/clap-htsat-unfused); or a laion-clap release "
+              "name (630k-audioset-best)")
+
+
+def _revision_arg(p):
+    p.add_argument("--revision", help="the commit, branch or tag of a Hugging Face repo (default: main)")
+
+
 def _model_args(p, tokenizer: bool):
-    p.add_argument("checkpoint", help="a directory written by `clapjax convert`")
+    p.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
+    _revision_arg(p)
     if tokenizer:
-        p.add_argument("--tokenizer", help="local tokenizer directory (vocab.json + merges.txt, or tokenizer.json)")
+        p.add_argument("--tokenizer", help="local tokenizer directory (vocab.json + merges.txt, or tokenizer.json); "
+                                           "default: the model's own")
     p.add_argument("--compilation-cache", default=os.path.join(os.path.expanduser("~"), ".cache", "clapjax", "jax_cache"),
                    help="JAX persistent compilation cache directory (default: %(default)s)")
 
@@ -177,17 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clapjax", description="CLAP in JAX: convert checkpoints, embed, search.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="laion-clap .pt / HF ClapModel dir / .safetensors → clapjax checkpoint",
+    p = sub.add_parser("convert", help="a model (path, HF repo id or laion-clap release name) → clapjax checkpoint",
                        description="Convert with strict key accounting; exits non-zero and writes nothing if any "
                                    "key is missing, unexpected or mis-shaped.")
-    p.add_argument("src")
+    p.add_argument("src", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("out_dir")
+    _revision_arg(p)
     p.add_argument("--amodel", help="audio model name (e.g. HTSAT-tiny); must agree with the weights")
     p.add_argument("--tmodel", choices=["roberta", "bert", "bart", "transformer"], help="text model; must agree")
     p.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="whether the model is fused (aff_2d); must agree with the weights")
     p.add_argument("--verify", action="store_true", help="compare embeddings with the PyTorch reference")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("download", help="fetch a model by name into the Hub cache and convert it into the "
+                       "conversion cache (for a later offline machine)")
+    p.add_argument("name", metavar="MODEL", help=MODEL_HELP)
+    _revision_arg(p)
+    p.set_defaults(fn=cmd_download)
 
     p = sub.add_parser("export", help="write a clapjax checkpoint back as a laion-clap .pt or an HF directory")
     p.add_argument("checkpoint")
@@ -256,7 +300,6 @@ def cmd_launch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clapjax never fetches from the hub
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:  # its own parser (clapjax.train.evaluate), options and --help included
         return cmd_eval(argparse.Namespace(rest=argv[1:]))
