@@ -291,13 +291,29 @@ def write_hf_checkpoint(directory) -> str:
     return str(directory)
 
 
-def docs_env(repo: str, extra_path: tuple[str, ...] = ()) -> dict:
-    """The reader's environment: the venv's and the launch shims' bin first on PATH, offline, one CPU
-    device (no XLA_FLAGS from the test process), the repository importable."""
+HUB_REPOS = ("laion/clap-htsat-unfused",)   # the model names a page may use: what write_hub_cache holds
+
+
+def write_hub_cache(root) -> str:
+    """A Hugging Face Hub cache in huggingface_hub's layout (tests/hub_cache.py) holding a tiny random
+    `ClapModel` with its tokenizer files under each name of HUB_REPOS."""
+    import hub_cache
+    tokenizer = write_tokenizer(os.path.join(str(root), "bpe"))
+    for n, repo in enumerate(HUB_REPOS):
+        files, _ = hub_cache.write_clap_repo_files(os.path.join(str(root), "src", str(n)), tokenizer, seed=n)
+        hub_cache.add_commit(os.path.join(str(root), "hub"), repo, files)
+    return os.path.join(str(root), "hub")
+
+
+def docs_env(repo: str, extra_path: tuple[str, ...] = (), hub: str | None = None) -> dict:
+    """The reader's environment: the venv's and the launch shims' bin first on PATH, offline (with `hub` as
+    the Hub cache when given), one CPU device (no XLA_FLAGS from the test process), the repository importable."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                CLAPJAX_REPO=repo)
+    if hub is not None:
+        env["HF_HUB_CACHE"] = hub
     env["PATH"] = os.pathsep.join([os.path.join(repo, ".venv", "bin"), os.path.join(repo, "tests", "shims"),
                                    *extra_path, env.get("PATH", "")])
     return env

@@ -3,7 +3,9 @@
 Each page runs in its own directory, prepared with generated stand-ins for the files it names (see
 tests/docs_snippets.py): small random-weight checkpoints under `converted/` and `converted-fused/`, a small BPE
 under `roberta-base/`, `my_sounds/`, LAION shards under `shards/`; a full-size random laion-clap
-`630k-audioset-best.pt` and a small HF `clap-htsat-unfused/` only for pages whose blocks name them.
+`630k-audioset-best.pt` and a small HF `clap-htsat-unfused/` only for pages whose blocks name them; for pages
+whose blocks name a model by its Hub name (`laion/clap-htsat-unfused`, a laion-clap release name), a Hub cache
+in huggingface_hub's layout (docs_snippets.write_hub_cache) as HF_HUB_CACHE, offline: a name it lacks fails.
 The venv's and the launch shims' `bin` come first on PATH. A failing block fails its page with the page,
 the block number and the output.
 
@@ -23,6 +25,7 @@ import subprocess
 import pytest
 
 import docs_snippets as D
+from clapjax.convert import hub
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted(f"docs/{f}" for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md")) + ["README.md"]
@@ -45,6 +48,34 @@ def assets(tmp_path_factory):
     for name, make in LIGHT.items():
         make(str(root / name))
     return root
+
+
+@pytest.fixture(scope="module")
+def hub_root(tmp_path_factory):
+    """Built on first use: most pages name no Hub model."""
+    built = []
+
+    def get():
+        if not built:
+            built.append(D.write_hub_cache(tmp_path_factory.mktemp("docs-hub")))
+        return built[0]
+    return get
+
+
+HUB_NAME = re.compile(r"(?<![\w.-])[\w.-]+/[\w.-]+(?![\w/-])")
+
+
+def hub_names(code: str) -> set[str]:
+    """The Hub repo ids (ORG/NAME in quotes or as a command argument) and laion-clap release names a page uses."""
+    repos = {m.group(0) for m in HUB_NAME.finditer(code) if m.group(0).split("/")[0] in ("laion", "lukewys")}
+    return repos | {name for name in hub.LAION_RELEASES if _named(name, code)}
+
+
+def check_hub_names(page: str, code: str) -> set[str]:
+    missing = hub_names(code) - set(D.HUB_REPOS)
+    assert not missing, (f"{page} names {', '.join(sorted(missing))}, which the docs' Hub cache does not hold "
+                         "(docs_snippets.HUB_REPOS): the page would fail offline")
+    return hub_names(code)
 
 
 def _heavy(root, name):
@@ -76,7 +107,7 @@ def _two_command_block(blocks):
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p not in RUN_ELSEWHERE])
-def test_page_runs(page, assets, tmp_path, capsys):
+def test_page_runs(page, assets, hub_root, tmp_path, capsys):
     blocks = D.read_page(os.path.join(REPO, page), label=page)
     todo = D.runnable(blocks)
     if page == "README.md":
@@ -90,7 +121,8 @@ def test_page_runs(page, assets, tmp_path, capsys):
             assert proc.returncode == 0, proc.stderr
             assert ("clapjax.app.demo" if target == "demo" else "pytest") in proc.stdout, proc.stdout
     prepare(page, tmp_path, assets, todo)
-    with D.Session(tmp_path, D.docs_env(REPO), timeout=540) as session:
+    uses_hub = check_hub_names(page, "\n".join(b.code for b in todo))
+    with D.Session(tmp_path, D.docs_env(REPO, hub=hub_root() if uses_hub else None), timeout=540) as session:
         for block in todo:
             session.run(block)
 
@@ -122,3 +154,11 @@ def test_a_broken_block_fails_naming_page_block_and_output(tmp_path):
     (tmp_path / "unlabelled.md").write_text("```\nls\n```\n")
     with pytest.raises(ValueError, match="needs a language"):
         D.read_page(str(tmp_path / "unlabelled.md"))
+
+
+def test_a_page_naming_a_model_the_hub_cache_lacks_fails():
+    code = 'clap = clapjax.CLAP.from_pretrained("laion/clap-htsat-unfused")\nclapjax download 630k-best\n'
+    assert hub_names(code) == {"laion/clap-htsat-unfused", "630k-best"}
+    assert hub_names("clapjax convert 630k-audioset-best.pt converted/ && ls roberta-base/ my_sounds/") == set()
+    with pytest.raises(AssertionError, match="x.md names 630k-best, which the docs' Hub cache does not hold"):
+        check_hub_names("x.md", code)
