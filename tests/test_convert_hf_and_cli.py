@@ -133,8 +133,8 @@ def test_embed_zero_shot_and_retrieve_commands(hf_unfused, tok_dir, audio_files,
     assert any((tmp_path / "cache").iterdir()), "the persistent compilation cache stayed empty"
 
 
-@pytest.mark.parametrize("command", ["convert", "export", "embed-audio", "embed-text", "zero-shot", "retrieve",
-                                     "train", "eval"])
+@pytest.mark.parametrize("command", ["convert", "download", "export", "embed-audio", "embed-text", "zero-shot",
+                                     "retrieve", "train", "eval"])
 def test_every_command_has_help(command):
     proc = run_cli(command, "--help")
     assert "usage: clapjax " + command in proc.stdout
