@@ -1,6 +1,7 @@
 """The CLI with a model name, offline, against the Hub cache of tests/hub_cache.py: a text command, `convert
 NAME OUT_DIR` (the converted model keeps its source, so its own tokenizer is found again), `download NAME`
 when cached, and the message when not."""
+import json
 import os
 
 import numpy as np
@@ -68,3 +69,13 @@ def test_download_of_what_is_not_cached_offline_names_repo_file_and_remedy(capsy
     assert ("error: 630k-audioset-fusion-best.pt of the Hugging Face repo lukewys/laion_clap is not in the local "
             "Hub cache") in err and "`clapjax download 630k-audioset-fusion-best`" in err
     assert not conversion_cache.exists()
+
+
+def test_eval_takes_a_name_and_the_models_own_tokenizer(capsys, clap_repo, conversion_cache, tmp_path):
+    status, out, err = run_main(capsys, "eval", REPO, "synthetic:heldout:8", "--json", tmp_path / "m.json")
+    assert status == 0, err
+    metrics = json.load(open(tmp_path / "m.json"))["metrics"]
+    assert 0.0 <= metrics["text_to_audio_R@1"] <= 1.0 and 0.0 <= metrics["audio_to_text_R@1"] <= 1.0, metrics
+    assert len(os.listdir(conversion_cache / "converted")) == 1
+    status, out, err = run_main(capsys, "eval", "630k-audioset-fusion-best", "synthetic:heldout:8")
+    assert status == 2 and "lukewys/laion_clap is not in the local Hub cache" in err  # one line, no traceback

@@ -272,18 +272,26 @@ def eval_set_from_spec(spec: str, sample_rate: int, clip_samples: int) -> EvalSe
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clapjax eval", description="retrieval and zero-shot metrics of a checkpoint")
-    p.add_argument("checkpoint", help="a directory written by `clapjax convert` (or a training export)")
+    p.add_argument("checkpoint", metavar="MODEL", help="a clapjax model directory (`clapjax convert`, a training "
+                   "export), a laion .pt, an HF ClapModel directory or .safetensors, an HF repo id or a laion release name")
     p.add_argument("data", help="'synthetic[:split[:n[:seed]]]', a manifest .jsonl/.csv, or tar shards")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab.json + merges.txt, …)")
+    p.add_argument("--tokenizer", help="tokenizer directory (vocab.json + merges.txt, …); default: the model's own")
+    p.add_argument("--revision", help="the Hub commit, branch or tag of a repo id")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="per-clip crop seed")
     p.add_argument("--json", help="also write the metrics here")
     args = p.parse_args(argv)
     from clapjax import saved_model
+    from clapjax.convert import pretrained
     from clapjax.tokenizer import Tokenizer
-    model = saved_model.restore(args.checkpoint)
+    found = pretrained.find(args.checkpoint, revision=args.revision, tokenizer=args.tokenizer is None,
+                            log=lambda s: None)
+    model = saved_model.restore(found.model_dir)
     fe = model.config.frontend
-    tok = Tokenizer(args.tokenizer, kind=model.config.tmodel)
+    tok = Tokenizer(args.tokenizer, kind=model.config.tmodel) if args.tokenizer else found.tokenizer()
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer of its own (a model trained or converted by clapjax "
+                         "from a local file): pass --tokenizer DIR")
     es = eval_set_from_spec(args.data, fe.sample_rate, fe.clip_samples)
     result = Evaluator(es, tok, batch_size=args.batch_size, seed=args.seed)(model)
     print(format_table(result, f"{es.name}: {len(es)} clips"))

@@ -299,14 +299,19 @@ def cmd_launch(args) -> int:
     return launch.main(args.rest)
 
 
+# what a bad argument or input raises: printed as one line, exit status 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:  # its own parser (clapjax.train.evaluate), options and --help included
-        return cmd_eval(argparse.Namespace(rest=argv[1:]))
-    if argv[:1] == ["launch"]:  # its own parser too: everything after `--` belongs to `clapjax train`
+    # eval and launch have their own parsers: eval's options and --help are clapjax.train.evaluate's, and
+    # everything after launch's `--` belongs to `clapjax train`
+    own_parser = {"eval": cmd_eval, "launch": cmd_launch}.get(argv[0] if argv else "")
+    if own_parser is not None:
         try:
-            return cmd_launch(argparse.Namespace(rest=argv[1:]))
-        except ValueError as err:
+            return own_parser(argparse.Namespace(rest=argv[1:]))
+        except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     parser = build_parser()
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
