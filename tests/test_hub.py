@@ -351,3 +351,45 @@ def test_from_pretrained_by_name_gives_the_pytorch_models_embeddings(clap_repo, 
     assert CLAP.from_pretrained(REPO, tokenizer=False, conversion_cache_dir=tmp_path,
                                 compilation_cache=None).tokenizer is None
     assert len(conversions) == 2
+
+
+# the names issue 15 promises, each to embeddings in one line (the README's release tables list them)
+HF_NAMES = ("laion/clap-htsat-unfused", "laion/clap-htsat-fused", "laion/larger_clap_general",
+            "laion/larger_clap_music", "laion/larger_clap_music_and_speech")
+
+
+def test_every_listed_name_goes_to_embeddings_in_one_line(hub_root, bpe_dir, clap_repo, laion_release, text_tower_repos,
+                                                          tmp_path):
+    """Each listed HF repo id holds its own tiny ClapModel stand-in (its text embeddings must be that model's,
+    so no name is served another's files); every laion release name resolves to its own file of
+    lukewys/laion_clap. The release files here share one stand-in's bytes (one full-size conversion, not
+    seven): what this shows is name → file → converted model, the conversion itself is checked above."""
+    from transformers import ClapProcessor
+    texts = ["a dog barks", "rain falls"]
+    for n, name in enumerate(HF_NAMES):
+        if name != REPO:  # REPO's own commits come from the clap_repo fixture
+            files, _ = hub_cache.write_clap_repo_files(tmp_path / "src" / str(n), bpe_dir, seed=10 + n)
+            hub_cache.add_commit(hub_root, name, files)
+    for n, name in enumerate(HF_NAMES):
+        ours = CLAP.from_pretrained(name, conversion_cache_dir=tmp_path / "cache", compilation_cache=None)
+        snapshot = hub.locate(name).path
+        torch.manual_seed(0)
+        from transformers import ClapModel
+        model = ClapModel.from_pretrained(snapshot).eval()
+        t_in = ClapProcessor.from_pretrained(snapshot)(text=texts, padding="max_length", max_length=77,
+                                                      truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            theirs = model.get_text_features(input_ids=t_in["input_ids"],
+                                             attention_mask=t_in["attention_mask"]).pooler_output.numpy()
+        max_abs, cos = ref.compare(ours.get_text_embedding(texts), theirs)
+        assert max_abs <= MAX_ABS and cos >= MIN_COS, (name, max_abs, cos)
+
+    _, commit = laion_release
+    release = os.path.join(hub_cache.repo_dir(hub_root, hub.LAION_REPO), "snapshots", commit, "630k-best.pt")
+    hub_cache.add_commit(hub_root, hub.LAION_REPO, {f"{name}.pt": release for name in hub.LAION_RELEASES})
+    for name in hub.LAION_RELEASES:
+        for spelling in (name, f"{name}.pt"):
+            located = hub.locate(spelling)
+            assert located.repo_id == hub.LAION_REPO and os.path.basename(located.path) == f"{name}.pt"
+        clap = CLAP.from_pretrained(name, conversion_cache_dir=tmp_path / "cache", compilation_cache=None)
+        assert clap.get_text_embedding(texts).shape == (2, clap.model.config.joint_embed_shape), name
