@@ -51,12 +51,10 @@ def source_files(path: str) -> list[str]:
     `hf.read_weights` picks (an index and its shards)."""
     if not os.path.isdir(path):
         return [path]
-    chosen = next((n for n in hf.WEIGHT_FILES if os.path.isfile(os.path.join(path, n))), None)
+    chosen = hf.weight_file(path)
     names = ["config.json"] + ([chosen] if chosen else [])  # no weights: read_source says so, naming the directory
     if chosen and chosen.endswith(".index.json"):
-        with open(os.path.join(path, chosen)) as f:
-            weight_map = json.load(f).get("weight_map")
-        names += sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        names += hf.shard_names(os.path.join(path, chosen))
     return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
 
 

@@ -53,37 +53,52 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
     return dict(obj)
 
 
-def _read_sharded(index: str) -> dict[str, np.ndarray]:
-    """transformers' sharded layout: the index's weight_map names the shard file of every tensor."""
+def weight_map(index: str) -> dict[str, str]:
+    """transformers' sharded layout: the index's weight_map, tensor name → the shard file holding it."""
     with open(index) as f:
         try:
-            weight_map = json.load(f).get("weight_map")
+            placed = json.load(f).get("weight_map")
         except (ValueError, AttributeError):  # not JSON (or not text), or JSON but not an object
-            weight_map = None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            placed = None
+    if not isinstance(placed, dict) or not all(isinstance(v, str) for v in placed.values()):
         raise ValueError(f"{index}: not a sharded-checkpoint index (no 'weight_map' of tensor name → shard file)")
+    return placed
+
+
+def shard_names(index: str) -> list[str]:
+    """The shard files a sharded index places tensors in, sorted."""
+    return sorted(set(weight_map(index).values()))
+
+
+def weight_file(directory: str) -> str | None:
+    """The weights file transformers would read in `directory` (WEIGHT_FILES' order), None when it has none."""
+    return next((n for n in WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))), None)
+
+
+def _read_sharded(index: str) -> dict[str, np.ndarray]:
+    placed = weight_map(index)
     sd: dict[str, np.ndarray] = {}
-    for name in sorted(set(weight_map.values())):
+    for name in shard_names(index):
         shard = os.path.join(os.path.dirname(index), name)
         if not os.path.isfile(shard):
             raise FileNotFoundError(f"{index} places tensors in {name}, which is missing")
         part = _read_file(shard)
-        misplaced = sorted(k for k in part if weight_map.get(k) != name)
+        misplaced = sorted(k for k in part if placed.get(k) != name)
         if misplaced:  # a tensor the index does not know, or one that is in two shards
             raise ValueError(f"{shard} holds {misplaced[:5]}, which {index} does not place there")
         sd.update(part)
-    unheld = sorted(set(weight_map) - set(sd))
+    unheld = sorted(set(placed) - set(sd))
     if unheld:
         raise ValueError(f"{index} lists tensors that no shard holds: {unheld[:5]}")
     return sd
 
 
 def read_weights(directory: str) -> dict[str, np.ndarray]:
-    for name in WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return _read_sharded(path) if name.endswith(".index.json") else _read_file(path)
-    raise FileNotFoundError(f"{directory}: no weights (none of {', '.join(WEIGHT_FILES)})")
+    name = weight_file(directory)
+    if name is None:
+        raise FileNotFoundError(f"{directory}: no weights (none of {', '.join(WEIGHT_FILES)})")
+    path = os.path.join(directory, name)
+    return _read_sharded(path) if name.endswith(".index.json") else _read_file(path)
 
 
 def read_hf_dir(directory: str):

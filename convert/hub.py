@@ -176,8 +176,7 @@ def _fetch_weights(repo_id: str, commit: str, get) -> list[str]:
             continue
         if not filename.endswith(".index.json"):
             return [filename]
-        with open(path) as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        shards = hf.shard_names(path)
         missing = [s for s in shards if get(s) is None]
         if missing:
             raise FileNotFoundError(f"{repo_id}: {filename} places tensors in {', '.join(missing)}, which the repo "
