@@ -40,6 +40,26 @@ class Found:
             return None
         return Tokenizer(self.tokenizer_dir, kind=self.tokenizer_kind, max_length=max_length)
 
+    def choose_tokenizer(self, choice, max_length: int = CONTEXT_LENGTH) -> Tokenizer | None:
+        """The tokenizer a caller asked for: None → the model's own (None when it has none), False → none,
+        a directory → that one, a Tokenizer → itself."""
+        if choice is None:
+            return self.tokenizer(max_length)
+        if choice is False:
+            return None
+        if isinstance(choice, (str, os.PathLike)):
+            return Tokenizer(os.fspath(choice), kind=self.tokenizer_kind, max_length=max_length)
+        return choice
+
+
+class NoOwnTokenizer(ValueError):
+    """A text command on a model that has no tokenizer of its own, and none was given."""
+
+    def __init__(self, name: str):
+        super().__init__(f"{name} has no tokenizer of its own (a model trained or converted by clapjax from a local "
+                         "file records none): this command needs one, pass --tokenizer DIR (vocab.json + merges.txt, "
+                         "or tokenizer.json)")
+
 
 def find(name: str, *, revision: str | None = None, cache_dir: str | None = None,
          conversion_cache_dir: str | None = None, tokenizer: bool = True,

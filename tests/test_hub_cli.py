@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import docs_snippets
 import hub_cache
 from clapjax import saved_model
 from clapjax.app import cli
@@ -79,3 +80,6 @@ def test_eval_takes_a_name_and_the_models_own_tokenizer(capsys, clap_repo, conve
     assert len(os.listdir(conversion_cache / "converted")) == 1
     status, out, err = run_main(capsys, "eval", "630k-audioset-fusion-best", "synthetic:heldout:8")
     assert status == 2 and "lukewys/laion_clap is not in the local Hub cache" in err  # one line, no traceback
+    small = docs_snippets.write_small_checkpoint(tmp_path / "small")  # trained by clapjax: no source recorded
+    status, out, err = run_main(capsys, "eval", small, "synthetic:heldout:8")
+    assert status == 2 and f"error: {small} has no tokenizer of its own" in err and "pass --tokenizer DIR" in err

@@ -283,15 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     from clapjax import saved_model
     from clapjax.convert import pretrained
-    from clapjax.tokenizer import Tokenizer
     found = pretrained.find(args.checkpoint, revision=args.revision, tokenizer=args.tokenizer is None,
                             log=lambda s: None)
     model = saved_model.restore(found.model_dir)
     fe = model.config.frontend
-    tok = Tokenizer(args.tokenizer, kind=model.config.tmodel) if args.tokenizer else found.tokenizer()
+    tok = found.choose_tokenizer(args.tokenizer)
     if tok is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer of its own (a model trained or converted by clapjax "
-                         "from a local file): pass --tokenizer DIR")
+        raise pretrained.NoOwnTokenizer(args.checkpoint)
     es = eval_set_from_spec(args.data, fe.sample_rate, fe.clip_samples)
     result = Evaluator(es, tok, batch_size=args.batch_size, seed=args.seed)(model)
     print(format_table(result, f"{es.name}: {len(es)} clips"))

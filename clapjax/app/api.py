@@ -23,7 +23,7 @@ from clapjax.audio import io as audio_io
 from clapjax.embedding import (AUDIO_ROWS_PER_STEP, DEFAULT_CACHE, embedding_functions, enable_compilation_cache,
                                trimmed_text_length)
 from clapjax.model import CLAPModel
-from clapjax.tokenizer import Tokenizer
+from clapjax.tokenizer import CONTEXT_LENGTH, Tokenizer
 
 BATCH_SIZES = (1, 8, 32)  # a request is cut into chunks of the largest size and padded up to one of these
 
@@ -68,14 +68,8 @@ class CLAP:
         found = pretrained.find(os.fspath(name_or_path), revision=revision, cache_dir=cache_dir,
                                 conversion_cache_dir=conversion_cache_dir, tokenizer=own, log=lambda s: None)
         model = saved_model.restore(found.model_dir, sharding)
-        max_length = getattr(model.config.text, "context_length", 77)
-        if own:
-            tokenizer = found.tokenizer(max_length)
-        elif tokenizer is False:
-            tokenizer = None
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = Tokenizer(tokenizer, kind=model.config.tmodel, max_length=max_length)
-        return cls(model, tokenizer, **kw)
+        max_length = getattr(model.config.text, "context_length", CONTEXT_LENGTH)
+        return cls(model, found.choose_tokenizer(tokenizer, max_length), **kw)
 
     # --- batching ---------------------------------------------------------------------------------
     def _run(self, fn, batch: dict[str, np.ndarray], trim=None) -> np.ndarray:

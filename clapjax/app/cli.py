@@ -49,9 +49,8 @@ def _load(args, need_tokenizer: bool = False):
     clap = CLAP.from_pretrained(args.checkpoint, tokenizer=tokenizer, revision=args.revision,
                                 compilation_cache=args.compilation_cache)
     if need_tokenizer and clap.tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer of its own (a model trained or converted by clapjax "
-                         "from a local file records none): this command needs one, pass --tokenizer DIR "
-                         "(vocab.json + merges.txt, or tokenizer.json)")
+        from clapjax.convert import pretrained
+        raise pretrained.NoOwnTokenizer(args.checkpoint)
     return clap
 
 
