@@ -9,15 +9,20 @@
   audio→text takes the best of the 5 ranks for R@k, and its mAP@10 follows LAION's code, which
   numbers the captions ranked within the top 10 in caption order (its docstring, and Mei et al.'s
   original, sort them first: `a2t_map='sorted'`).
-* `zero_shot_metrics`: top-1, top-5 and mAP@10 of the true class among class embeddings built by
-  `class_embeddings` (LAION's `zero_shot_classifier`: normalise per template, mean, renormalise).
+* `zero_shot_ranking_metrics` = LAION's zero-shot script (`evaluate/eval_zeroshot_classification.py`):
+  each clip ranks the class embeddings, the class index is the ground truth; mean/median rank,
+  R@1/5/10, mAP@10. `zero_shot_metrics` is its top-1 / top-5 / mAP@10 under the trainer's names.
+  `class_embeddings` builds the classes as LAION's `zero_shot_classifier` (normalise per template,
+  mean, renormalise).
 
-A rank is the position of the ground truth in a stable descending sort of its row: the number of
-entries strictly greater, plus equal entries at a smaller index. That equals LAION's
-`torch.argsort(descending=True)` whenever the row has no ties (always, for real-valued logits in
-practice), and is deterministic when it does. No sort is done: each row needs one comparison with
-its ground-truth logit, so the functions run unchanged on batch-sharded global arrays under jit
-(each device compares its rows against the global columns), and every output is a scalar.
+Ranks are LAION's exactly, ties included (`laion_ranks`). LAION ranks with
+`torch.argsort(descending=True)` on the CPU, an unstable sort: where a ground truth's logit equals
+another entry of its row, its position is whatever libstdc++'s introsort leaves (train/torch_argsort.py).
+So ranks are computed in two steps: under jit, one comparison per row against its ground-truth logit
+(the stable rank: entries strictly greater, plus equal ones at a smaller index) and a count of rows
+whose ground truth ties; only when that count is not zero are the logits brought to the host and
+those rows' sorts replayed. Without ties (real-valued logits, in practice) everything stays on the
+devices, runs unchanged on batch-sharded global arrays, and every output is a scalar.
 """
 from __future__ import annotations
 
@@ -30,6 +35,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+
+from clapjax.train import torch_argsort
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 RECALL_AT = (1, 5, 10)
@@ -38,27 +46,80 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def logits(a: jax.Array, b: jax.Array, scale=1.0) -> jax.Array:
-    """scale · a @ bᵀ in float32 at full matmul precision (no TF32 on GPUs)."""
-    return jnp.asarray(scale, jnp.float32) * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32).T,
-                                                        precision=_HIGHEST)
+    """(scale·a) @ bᵀ in float32 at full matmul precision (no TF32 on GPUs). LAION writes
+    `logit_scale * a @ b.t()`, which Python binds as (scale·a) @ bᵀ: the same order rounds the same
+    way, so products that tie in LAION's logits tie here."""
+    scaled = jnp.asarray(scale, jnp.float32) * a.astype(jnp.float32)
+    return jnp.matmul(scaled, b.astype(jnp.float32).T, precision=_HIGHEST)
 
 
 def ranks(logit_rows: jax.Array, target_cols: jax.Array) -> jax.Array:
-    """(R,) 0-based rank of column `target_cols[r]` in row r of (R, C) `logit_rows`."""
+    """(R,) 0-based stable rank of column `target_cols[r]` in row r of (R, C) `logit_rows`: entries
+    strictly greater, plus equal ones at a smaller index (LAION's rank whenever the target ties with
+    nothing; `laion_ranks` gives LAION's in every case)."""
     cols = jnp.arange(logit_rows.shape[1])
     gt = jnp.take_along_axis(logit_rows, target_cols[:, None], axis=1)
     before = (logit_rows > gt) | ((logit_rows == gt) & (cols[None, :] < target_cols[:, None]))
     return before.sum(axis=1).astype(jnp.int32)
 
 
-def rank_summary(preds: jax.Array, prefix: str) -> dict[str, jax.Array]:
-    """LAION's summary of 0-based ranks: mean/median rank (1-based; median floored), R@k, mAP@10."""
+@jax.jit
+def _stable_ranks_and_ties(logit_rows: jax.Array, targets: jax.Array):
+    """Stable ranks of (R, K) targets, how many rows have a target whose logit another entry shares,
+    and how many logits are NaN."""
+    pos = jnp.stack([ranks(logit_rows, targets[:, d]) for d in range(targets.shape[1])], axis=1)
+    gt = jnp.take_along_axis(logit_rows, targets, axis=1)                          # (R, K)
+    shared = jnp.stack([(logit_rows == gt[:, d:d + 1]).sum(axis=1) > 1 for d in range(targets.shape[1])], 1)
+    return pos, shared.any(axis=1).sum(), jnp.isnan(logit_rows).sum()
+
+
+def _on_host(x) -> np.ndarray:
+    """A (possibly multi-process, sharded) array as a NumPy array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def laion_ranks(logit_rows: jax.Array, targets: jax.Array) -> jax.Array:
+    """0-based position of each target column in its row as LAION's `torch.argsort(row,
+    descending=True)` orders it, ties included. `targets` is (R,) (one per row → (R,)) or (R, K)
+    (K per row, e.g. a clip's 5 captions → (R, K)). NaN logits are refused (torch sorts them first)."""
+    if targets.ndim not in (1, 2) or targets.shape[0] != logit_rows.shape[0]:
+        raise ValueError(f"targets must be (R,) or (R, K) for {logit_rows.shape[0]} rows, got {targets.shape}")
+    many = targets.reshape(targets.shape[0], -1).astype(jnp.int32)
+    pos, tied_rows, nans = _stable_ranks_and_ties(logit_rows, many)
+    if int(nans):
+        raise ValueError(f"{int(nans)} logits are NaN: the embeddings hold NaN (a diverged or broken model)")
+    if int(tied_rows):
+        rows, pos, many = _on_host(logit_rows), _on_host(pos).copy(), _on_host(many)
+        gt = np.take_along_axis(rows, many, axis=1)
+        tied = np.zeros(rows.shape[0], bool)
+        for d in range(many.shape[1]):
+            tied |= (rows == gt[:, d:d + 1]).sum(axis=1) > 1
+        for r in np.flatnonzero(tied):
+            position = np.empty(rows.shape[1], np.int32)
+            position[torch_argsort.descending_order(rows[r])] = np.arange(rows.shape[1], dtype=np.int32)
+            pos[r] = position[many[r]]
+        pos = jnp.asarray(pos)
+    return pos.reshape(targets.shape)
+
+
+def rank_summary(preds: jax.Array, prefix: str, valid: jax.Array | None = None) -> dict[str, jax.Array]:
+    """LAION's summary of 0-based ranks: mean/median rank (1-based; median floored), R@k, mAP@10,
+    keyed '{prefix}_R@1' … (bare 'R@1' … when prefix is ''); with `valid`, over those entries only."""
     p = preds.astype(jnp.float32)
-    out = {f"{prefix}_mean_rank": p.mean() + 1.0,
-           f"{prefix}_median_rank": jnp.floor(jnp.median(p)) + 1.0}
+    if valid is None:
+        valid = jnp.ones(p.shape, bool)
+    count = jnp.maximum(valid.sum(), 1)
+
+    def mean(x):
+        return jnp.where(valid, x, 0.0).sum() / count
+    key = f"{prefix}_" if prefix else ""
+    out = {f"{key}mean_rank": mean(p) + 1.0,
+           f"{key}median_rank": jnp.floor(jnp.nanmedian(jnp.where(valid, p, jnp.nan))) + 1.0}
     for k in RECALL_AT:
-        out[f"{prefix}_R@{k}"] = (p < k).mean()
-    out[f"{prefix}_mAP@{MAP_CUTOFF}"] = jnp.where(p < MAP_CUTOFF, 1.0 / (p + 1.0), 0.0).mean()
+        out[f"{key}R@{k}"] = mean(p < k)
+    out[f"{key}mAP@{MAP_CUTOFF}"] = mean(jnp.where(p < MAP_CUTOFF, 1.0 / (p + 1.0), 0.0))
     return out
 
 
@@ -69,6 +130,21 @@ def cross_entropy(logit_rows: jax.Array, target_cols: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def _retrieval_logits(audio, text, logit_scale_a, audio_mlp, text_mlp, logit_scale_t):
+    """get_metrics' loss and its ranking logits, per audio (N, N) and per text (N, N)."""
+    labels = jnp.arange(audio.shape[0])
+    if audio_mlp is None:
+        per_audio = logits(audio, text, logit_scale_a)
+        per_text = per_audio.T
+        loss = (cross_entropy(per_audio, labels) + cross_entropy(per_text, labels)) / 2
+        return loss, per_audio, per_text
+    a_pa = logits(audio, text_mlp, logit_scale_a)
+    t_pa = logits(audio_mlp, text, logit_scale_t)
+    loss = (cross_entropy(a_pa, labels) + cross_entropy(a_pa.T, labels) + cross_entropy(t_pa, labels)
+            + cross_entropy(t_pa.T, labels)) / 4
+    return loss, (a_pa + t_pa) / 2, (a_pa.T + t_pa.T) / 2
+
+
 def retrieval_metrics(audio: jax.Array, text: jax.Array, logit_scale_a, audio_mlp: jax.Array | None = None,
                       text_mlp: jax.Array | None = None, logit_scale_t=None) -> dict[str, jax.Array]:
     """LAION's `get_metrics` for N clips with one caption each (row i of `text` belongs to clip i).
@@ -80,28 +156,29 @@ def retrieval_metrics(audio: jax.Array, text: jax.Array, logit_scale_a, audio_ml
     n = audio.shape[0]
     if text.shape[0] != n:
         raise ValueError(f"retrieval_metrics needs one caption per clip: {n} clips, {text.shape[0]} texts")
-    labels = jnp.arange(n)
     mlp = (audio_mlp, text_mlp, logit_scale_t)
-    if any(x is not None for x in mlp):
-        if any(x is None for x in mlp):
-            raise ValueError("the mlp variant needs audio_mlp, text_mlp and logit_scale_t together")
-        a_pa = logits(audio, text_mlp, logit_scale_a)
-        t_pa = logits(audio_mlp, text, logit_scale_t)
-        loss = (cross_entropy(a_pa, labels) + cross_entropy(a_pa.T, labels) + cross_entropy(t_pa, labels)
-                + cross_entropy(t_pa.T, labels)) / 4
-        per_audio = (a_pa + t_pa) / 2
-        per_text = (a_pa.T + t_pa.T) / 2
-    else:
-        per_audio = logits(audio, text, logit_scale_a)
-        per_text = per_audio.T
-        loss = (cross_entropy(per_audio, labels) + cross_entropy(per_text, labels)) / 2
+    if any(x is not None for x in mlp) and any(x is None for x in mlp):
+        raise ValueError("the mlp variant needs audio_mlp, text_mlp and logit_scale_t together")
+    loss, per_audio, per_text = _retrieval_logits(audio, text, logit_scale_a, *mlp)
+    labels = jnp.arange(n)
     out = {"cumulative_loss": loss, "num_samples": jnp.asarray(n)}
-    out.update(rank_summary(ranks(per_audio, labels), "audio_to_text"))
-    out.update(rank_summary(ranks(per_text, labels), "text_to_audio"))
+    out.update(rank_summary(laion_ranks(per_audio, labels), "audio_to_text"))
+    out.update(rank_summary(laion_ranks(per_text, labels), "text_to_audio"))
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("captions_per_clip", "a2t_map"))
+@functools.partial(jax.jit, static_argnames=("captions_per_clip",))
+def _clotho_logits(audio, text, logit_scale_a, captions_per_clip: int):
+    """evaluate_clotho_audiocaps' loss and its logits per audio (N, K·N) and per text (K·N, N)."""
+    n, k = audio.shape[0], captions_per_clip
+    per_audio = logits(audio, text, logit_scale_a)
+    labels = jnp.arange(n)
+    by_caption = per_audio.reshape(n, n, k)                          # [audio, clip, caption]
+    a2t_loss = jnp.mean(jnp.stack([cross_entropy(by_caption[:, :, d], labels) for d in range(k)]))
+    t2a_loss = jnp.mean(jnp.stack([cross_entropy(by_caption[:, :, d].T, labels) for d in range(k)]))
+    return (a2t_loss + t2a_loss) / 2, per_audio, per_audio.T
+
+
 def clotho_audiocaps_metrics(audio: jax.Array, text: jax.Array, logit_scale_a, *, captions_per_clip: int = 5,
                              a2t_map: str = "laion") -> dict[str, jax.Array]:
     """The metrics of LAION's `evaluate_clotho_audiocaps` for N clips and K·N captions (clip-major).
@@ -114,18 +191,14 @@ def clotho_audiocaps_metrics(audio: jax.Array, text: jax.Array, logit_scale_a, *
     n, k = audio.shape[0], captions_per_clip
     if text.shape[0] != n * k:
         raise ValueError(f"{n} clips with {k} captions each need {n * k} texts, got {text.shape[0]}")
-    per_audio = logits(audio, text, logit_scale_a)                  # (N, K·N)
-    labels = jnp.arange(n)
-    by_caption = per_audio.reshape(n, n, k)                          # [audio, clip, caption]
-    a2t_loss = jnp.mean(jnp.stack([cross_entropy(by_caption[:, :, d], labels) for d in range(k)]))
-    t2a_loss = jnp.mean(jnp.stack([cross_entropy(by_caption[:, :, d].T, labels) for d in range(k)]))
-    out = {"num_samples": jnp.asarray(n), "cumulative_loss": (a2t_loss + t2a_loss) / 2}
-    # text → audio: every caption ranks the clips; LAION concatenates caption d's ranks over d
-    t2a = jnp.concatenate([ranks(by_caption[:, :, d].T, labels) for d in range(k)])
-    out.update(rank_summary(t2a, "text_to_audio"))
-    # audio → text: rank of each of the clip's own captions among all K·N texts
-    own = labels[:, None] * k + jnp.arange(k)[None, :]               # (N, K) text rows of clip i
-    pos = jnp.stack([ranks(per_audio, own[:, d]) for d in range(k)], axis=1)
+    loss, per_audio, per_text = _clotho_logits(audio, text, logit_scale_a, k)
+    out = {"num_samples": jnp.asarray(n), "cumulative_loss": loss}
+    # text → audio: every caption ranks the clips (LAION concatenates caption d's ranks over d; the
+    # summary does not depend on the order)
+    clips = jnp.arange(n)
+    out.update(rank_summary(laion_ranks(per_text, jnp.repeat(clips, k)), "text_to_audio"))
+    # audio → text: position of each of the clip's own captions among all K·N texts, in caption order
+    pos = laion_ranks(per_audio, clips[:, None] * k + jnp.arange(k)[None, :])     # (N, K)
     if a2t_map == "sorted":
         pos = jnp.sort(pos, axis=1)
     hit = pos < MAP_CUTOFF
@@ -147,20 +220,37 @@ def class_embeddings(text: jax.Array) -> jax.Array:
     return m / jnp.linalg.norm(m, axis=-1, keepdims=True)
 
 
-@jax.jit
-def zero_shot_metrics(audio: jax.Array, classes: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Top-1/top-5 accuracy and mAP@10 of the true class, over clips whose label is ≥ 0
-    (label −1 = the task does not apply to that clip)."""
-    valid = labels >= 0
-    scores = logits(audio, classes)
-    r = ranks(scores, jnp.maximum(labels, 0)).astype(jnp.float32)
-    count = jnp.maximum(valid.sum(), 1)
+def zero_shot_ranking_metrics(audio: jax.Array, classes: jax.Array, labels, logit_scale=1.0) -> dict[str, jax.Array]:
+    """LAION's zero-shot script (`evaluate_zeroshot`): each of N clips ranks the C `classes` by
+    logit_scale·audio·classᵀ and the ground truth is its class index `labels[i]`.
 
-    def mean(x):
-        return jnp.where(valid, x, 0.0).sum() / count
-    return {"top1": mean(r < 1), "top5": mean(r < 5),
-            f"mAP@{MAP_CUTOFF}": mean(jnp.where(r < MAP_CUTOFF, 1.0 / (r + 1.0), 0.0)),
-            "num_samples": valid.sum()}
+    Returns 'mean_rank', 'median_rank' (1-based, median floored), 'R@1', 'R@5', 'R@10', 'mAP@10'
+    (LAION keys them '{dataset}_R@1' …) and 'num_samples', over the clips whose label is ≥ 0
+    (−1: the task does not apply to that clip; LAION's script has none). `audio` (N, D) and
+    `classes` (C, D) are unit embeddings (`class_embeddings` for prompt templates); `logit_scale`
+    (LAION passes the model's) never changes an order but, rounding, can make two logits equal.
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != (audio.shape[0],):
+        raise ValueError(f"labels must be one class index per clip ({audio.shape[0]},), got {labels.shape}")
+    if int(labels.max(initial=-1)) >= classes.shape[0]:
+        raise ValueError(f"label {int(labels.max())} is not a class index: {classes.shape[0]} classes")
+    valid = labels >= 0
+    scores = _scores(audio, classes, logit_scale)
+    out = rank_summary(laion_ranks(scores, jnp.maximum(labels, 0)), "", valid)
+    out["num_samples"] = valid.sum()
+    return out
+
+
+_scores = jax.jit(logits)
+
+
+def zero_shot_metrics(audio: jax.Array, classes: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Top-1/top-5 accuracy and mAP@10 of the true class (`zero_shot_ranking_metrics`' R@1, R@5 and
+    mAP@10), over clips whose label is ≥ 0 (label −1 = the task does not apply to that clip)."""
+    m = zero_shot_ranking_metrics(audio, classes, labels)
+    return {"top1": m["R@1"], "top5": m["R@5"], f"mAP@{MAP_CUTOFF}": m[f"mAP@{MAP_CUTOFF}"],
+            "num_samples": m["num_samples"]}
 
 
 def to_python(metrics: Mapping[str, jax.Array], prefix: str = "") -> dict[str, float]:
