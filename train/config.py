@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = dict(
         steps=1000, batch_size=64,   # global batch, split over processes and devices
         log_every=1, max_nonfinite_in_row=10,
+        # dense peak FLOP/s of one device, for the logged MFU; 0: throughput.PEAK_FLOPS by device kind and
+        # compute dtype (it has no CPU entry: MFU is then left out)
+        peak_flops_per_device=0.0,
     )
     c.checkpoint = dict(every=1000, keep_last=3, keep_every=0, async_save=True)
     c.data = dict(kind="random")     # 'random' = batches.RandomBatches; other kinds: clapjax.train.data
@@ -173,6 +176,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mesh.rules must be 'dp' or 'fsdp', got {cfg.mesh.rules!r}")
     if cfg.train.steps < 1 or cfg.train.max_nonfinite_in_row < 1:
         raise ValueError("train.steps and train.max_nonfinite_in_row must be >= 1")
+    if cfg.train.get("peak_flops_per_device", 0.0) < 0:
+        raise ValueError(f"train.peak_flops_per_device must be >= 0 (0: from the device table), "
+                         f"got {cfg.train.peak_flops_per_device}")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep_last < 1 or cfg.checkpoint.keep_every < 0:
         raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1, keep_every >= 0")
     if cfg.model.dtype not in ("float32", "bfloat16") or cfg.model.param_dtype not in ("float32", "bfloat16"):

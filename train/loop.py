@@ -34,7 +34,7 @@ import numpy as np
 from clapjax.embedding import enable_compilation_cache
 from clapjax.train import checkpoint as ckpt_lib
 from clapjax.train import config as config_lib
-from clapjax.train import distributed, sharding, step as step_lib
+from clapjax.train import distributed, sharding, step as step_lib, throughput
 from clapjax.train.batches import device_batch, make_data_iterator
 from clapjax.train.metrics import METRICS_FILE, MetricsLog
 
@@ -69,6 +69,28 @@ def _check_resumable(saved: Mapping, cfg) -> None:
         if saved.get(section) != now[section]:
             raise ValueError(f"the checkpoint was trained with a different `{section}` section; resume with the "
                              f"same settings or use a new workdir (saved: {saved.get(section)}, now: {now[section]})")
+
+
+def _meter(cfg, model_cfg, mesh, log) -> throughput.Meter:
+    """The run's throughput meter, its peak from the config or the device table; `log` says which."""
+    kind = mesh.devices.flat[0].device_kind
+    peak, source = throughput.peak_flops(float(cfg.train.get("peak_flops_per_device", 0.0)), kind,
+                                         throughput.compute_dtype(model_cfg.precision))
+    log(f"throughput: {mesh.devices.size} × {kind}; "
+        + (f"peak {peak / 1e12:.4g} TFLOP/s per device ({source})" if peak else source))
+    return throughput.Meter(mesh.devices.size, peak)
+
+
+def _add_perf(rec: dict, perf: Mapping | None, metrics_log: MetricsLog) -> str:
+    """The interval's wall-clock figures into `rec` (their own object, apart from the run's reproducible
+    figures) and TensorBoard (`perf/…`); returns what the console line adds (nothing without figures)."""
+    if not perf:
+        return ""
+    rec["perf"] = dict(perf)
+    for name in ("data_wait_fraction", "data_wait_s", "flops_per_s", "mfu"):
+        if name in perf:
+            metrics_log.scalar(f"perf/{name}", perf[name], rec["step"])
+    return f" | {throughput.describe(perf)}"
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
@@ -143,10 +165,12 @@ def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Cal
         if hasattr(data_iter, "close"):
             resources.callback(data_iter.close)
 
-    state, start = _first_state(cfg, setup, model_cfg, checkpointer, data_iter, log if main else (lambda *_: None))
+    say = log if main else (lambda *_: None)        # process 0's log
+    state, start = _first_state(cfg, setup, model_cfg, checkpointer, data_iter, say)
     metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), start, main, int(cfg.train.batch_size))
     resources.callback(metrics_log.close)
     step_fn = step_lib.train_step(setup)
+    meter = _meter(cfg, model_cfg, mesh, say)
     total, every, log_every = int(cfg.train.steps), int(cfg.checkpoint.every), int(cfg.train.log_every)
     max_bad = int(cfg.train.max_nonfinite_in_row)
 
@@ -160,33 +184,42 @@ def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Cal
             return None
         rec = _record(*pending)
         pending = None
-        if rec["step"] % log_every == 0 or not rec["finite"] or rec["step"] == total:
+        logged = rec["step"] % log_every == 0 or not rec["finite"] or rec["step"] == total
+        perf = meter.read(rec["step"], logged)
+        if logged:
+            tail = _add_perf(rec, perf, metrics_log)
             metrics_log.write(rec)
             if main:
                 log(f"step {rec['step']}: loss {rec['loss']:.6f} lr {rec.get('lr', 0):.3g} "
-                    f"skipped {rec['nonfinite_total']} ({time.time() - t0:.1f}s)")
+                    f"skipped {rec['nonfinite_total']} ({time.time() - t0:.1f}s){tail}")
         return rec
 
     progress = _progress_bar(total, start, main)
     resources.callback(progress.close)
     while s < total:
-        waited = time.time()
+        waited = time.perf_counter()
         try:
             local = next(data_iter)
         except StopIteration:
             stopped, message = StopReason.DATA_RAN_OUT, f"the data ran out after step {s}"
             break
-        metrics_log.scalar("perf/data_wait_s", time.time() - waited, s + 1)
-        state, metrics = step_fn(state, device_batch(local, mesh))
+        batch = device_batch(local, mesh)
+        meter.waited(time.perf_counter() - waited)
+        if s == start:   # compiled here once; the step call below finds the executable in jit's cache
+            meter.flops_per_step = throughput.step_flops(setup, step_fn, state, batch)
+            say(throughput.describe_cost(meter.flops_per_step))
+        state, metrics = step_fn(state, batch)
         s += 1
         progress.update(1)
         rec = flush()                      # the previous step's metrics: the device stays busy
         pending = (s, metrics)
         if s % every == 0 or s == total:
             rec = flush() or rec
-            checkpointer.save(s, state, data_iter.get_state(), resolved)
-        for hook in hooks:
-            hook(s, state, setup, metrics_log)
+            with meter.paused():
+                checkpointer.save(s, state, data_iter.get_state(), resolved)
+        with meter.paused():
+            for hook in hooks:
+                hook(s, state, setup, metrics_log)
         if rec is not None and rec["nonfinite_streak"] >= max_bad:
             stopped = StopReason.NON_FINITE
             message = (f"{rec['nonfinite_streak']} steps in a row had a non-finite loss or gradient "
