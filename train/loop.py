@@ -5,7 +5,9 @@
 Files in the workdir: `config.json` (the resolved config), `checkpoints/<step>/` (Orbax; see
 clapjax.train.checkpoint), `metrics.jsonl` (process 0: one line per logged step, with the exact
 float32 loss; on resume, lines after the restored step are dropped, so the file always describes
-one uninterrupted run; see clapjax.train.metrics.MetricsLog).
+one uninterrupted run; see clapjax.train.metrics.MetricsLog). Each logged line after a run's first
+also holds `perf`, the interval's wall-clock figures: data wait, FLOP/s, MFU (clapjax.train.throughput),
+which the console line and TensorBoard show too.
 
 Resume is automatic: if `checkpoints/` holds a step, the run continues from the latest one (state,
 rng, data position); otherwise it starts fresh (optionally with pretrained towers, see
@@ -93,6 +95,19 @@ def _add_perf(rec: dict, perf: Mapping | None, metrics_log: MetricsLog) -> str:
     return f" | {throughput.describe(perf)}"
 
 
+def _next_batch(data_iter: Iterator, mesh, meter: throughput.Meter) -> dict | None:
+    """The next global batch on the devices, None when the data ran out; the wait (drawing it and
+    putting it on the devices) goes to `meter`."""
+    t0 = time.perf_counter()
+    try:
+        local = next(data_iter)
+    except StopIteration:
+        return None
+    batch = device_batch(local, mesh)
+    meter.waited(time.perf_counter() - t0)
+    return batch
+
+
 def _progress_bar(total: int, start: int, enabled: bool):
     """A tqdm bar over the steps on process 0's terminal (silent when output is not a terminal)."""
     from tqdm import tqdm
@@ -144,7 +159,7 @@ def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Cal
          resources: contextlib.ExitStack) -> dict:
     """The body of `train`; what it opens it registers with `resources`.
 
-    Kept as one function on purpose (a little over 80 lines): the loop and its stop conditions read as
+    Kept as one function on purpose (about 90 lines): the loop and its stop conditions read as
     one page, top to bottom; what stands alone (the first state, the batches, the metrics log) is outside."""
     # every program of a run is worth keeping (a resumed or repeated run recompiles nothing)
     enable_compilation_cache(cfg.compilation_cache, min_compile_secs=0.0, min_entry_bytes=-1)
@@ -197,14 +212,10 @@ def _run(cfg, workdir: str, data_iter: Iterator | None, log, hooks: Sequence[Cal
     progress = _progress_bar(total, start, main)
     resources.callback(progress.close)
     while s < total:
-        waited = time.perf_counter()
-        try:
-            local = next(data_iter)
-        except StopIteration:
+        batch = _next_batch(data_iter, mesh, meter)
+        if batch is None:
             stopped, message = StopReason.DATA_RAN_OUT, f"the data ran out after step {s}"
             break
-        batch = device_batch(local, mesh)
-        meter.waited(time.perf_counter() - waited)
         if s == start:   # compiled here once; the step call below finds the executable in jit's cache
             meter.flops_per_step = throughput.step_flops(setup, step_fn, state, batch)
             say(throughput.describe_cost(meter.flops_per_step))
