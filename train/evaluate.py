@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -133,58 +134,122 @@ class EvalResult:
     text_embeddings: np.ndarray | None = None     # (N·K, D)
 
 
+@functools.lru_cache(maxsize=4)
+def _model_functions(graphdef) -> dict:
+    """The jitted embedding, scale and concatenation functions of one model structure, shared by every
+    Evaluator (one compile per structure and batch shape, however many evaluation sets)."""
+    from clapjax.embedding import embedding_functions
+    audio_fn, text_fn = embedding_functions(graphdef)
+
+    @jax.jit
+    def scale_fn(state):
+        return jnp.exp(nnx.merge(graphdef, state).logit_scale_a[...])
+    return {"audio": audio_fn, "text": text_fn, "scale": scale_fn,
+            "concat": jax.jit(lambda parts, n: jnp.concatenate(parts)[:n], static_argnums=1)}
+
+
 class Evaluator:
-    """Evaluates models on one EvalSet; compiled functions are reused across calls (periodic eval)."""
+    """Evaluates models on one EvalSet; compiled functions are reused across calls (periodic eval).
+
+    Clips are decoded and prepared on `workers` threads (default: the usable cores; 0: in the caller's
+    thread), at most `prefetch_batches` batches ahead of the device, so memory holds a window of batches,
+    never the set; `progress(clips)` is called after each batch is embedded."""
 
     def __init__(self, eval_set: EvalSet, tokenizer, *, batch_size: int = 64, mesh=None, seed: int = 0,
-                 crop_mode: str = "random", a2t_map: str = "laion", keep_embeddings: bool = False):
+                 crop_mode: str = "random", a2t_map: str = "laion", keep_embeddings: bool = False,
+                 workers: int | None = 0, prefetch_batches: int = 2,
+                 progress: Callable[[int], None] | None = None):
         if len(eval_set) == 0:
             raise ValueError("empty evaluation set")
+        if prefetch_batches < 1:
+            raise ValueError(f"prefetch_batches must be at least 1, got {prefetch_batches}")
         self.set, self.tokenizer, self.mesh, self.seed = eval_set, tokenizer, mesh, seed
         self.crop_mode, self.a2t_map, self.keep = crop_mode, a2t_map, keep_embeddings
+        self.workers, self.prefetch, self.progress = workers, prefetch_batches, progress
         shards = 1
         if mesh is not None:
             from clapjax.train import sharding
             shards = int(np.lcm(sharding.num_batch_shards(mesh), jax.process_count()))
         self.batch_size = -(-batch_size // shards) * shards      # a multiple of the batch shards
-        self._fns: dict = {}
 
     # --- host-side batches --------------------------------------------------------------------------
-    def _audio_batch(self, idx: list[int], frontend, fused: bool) -> dict[str, np.ndarray]:
-        # one generator per item (not per batch), so an item's crop does not depend on the batching
-        feats = [audio_io.clip_features(audio_io.quantize_int16(np.asarray(w, np.float32)), frontend, fused,
-                                        np.random.default_rng((self.seed, i)), crop_mode=self.crop_mode)
-                 for i, w in zip(idx, self.set.audio(idx))]
-        return audio_io.stack_audio_input(feats, fused)
-
-    def _embed(self, fn, state, count: int, make_batch: Callable[[list[int]], dict]) -> jax.Array:
-        """Embeddings of items 0…count−1, in global batches of `batch_size` (the tail padded with
-        its last item); with a mesh each process prepares only its rows of every batch."""
+    def _batch_plan(self, count: int) -> list[list[int]]:
+        """This process's rows of each global batch of items 0…count−1 (the tail padded with its last item)."""
         p, n = (jax.process_index(), jax.process_count()) if self.mesh is not None else (0, 1)
         rows = self.batch_size // n
-        parts = []
+        plan = []
         for start in range(0, count, self.batch_size):
             idx = list(range(start, min(count, start + self.batch_size)))
             idx += [idx[-1]] * (self.batch_size - len(idx))
-            batch = make_batch(idx[p * rows:(p + 1) * rows])
+            plan.append(idx[p * rows:(p + 1) * rows])
+        return plan
+
+    def _clip(self, i: int, frontend, fused: bool) -> dict:
+        # one generator per item (not per batch), so an item's crop does not depend on the batching
+        (w,) = self.set.audio([i])
+        return audio_io.clip_features(audio_io.quantize_int16(np.asarray(w, np.float32)), frontend, fused,
+                                      np.random.default_rng((self.seed, i)), crop_mode=self.crop_mode)
+
+    def _audio_batches(self, plan: list[list[int]], frontend, fused: bool, failures: dict[int, str]):
+        """The stacked audio input of each planned batch; each item is prepared once, on the worker threads,
+        in a window of `prefetch_batches` batches. An item that cannot be read is recorded in `failures`
+        (index → reason) and takes the features of a silent clip, so the batch keeps its shape."""
+        from clapjax.audio.stream import Failed, ordered_map
+        order = list(dict.fromkeys(i for rows in plan for i in rows))    # ascending: each item once
+        window = self.prefetch * max(len(plan[0]), 1) if plan else 1
+        source = zip(order, ordered_map(lambda i: self._clip(i, frontend, fused), order, workers=self.workers,
+                                        window=window))
+        silent = None
+        for rows in plan:
+            ready: dict[int, dict] = {}
+            while rows[-1] not in ready:          # rows ascend; padding repeats the last
+                j, out = next(source)
+                if isinstance(out, Failed):
+                    failures[j] = out.reason
+                    if silent is None:
+                        silent = audio_io.clip_features(np.zeros(frontend.clip_samples, np.float32), frontend,
+                                                        fused, np.random.default_rng(0))
+                    out = silent
+                ready[j] = out
+            yield audio_io.stack_audio_input([ready[i] for i in rows], fused)
+
+    def _embed(self, fn, state, batches) -> list[jax.Array]:
+        """Embeddings of each batch (this process's rows of a global batch); with a mesh they are global,
+        batch-sharded arrays."""
+        parts = []
+        for batch in batches:
             if self.mesh is not None:
                 from clapjax.train import sharding
                 batch = sharding.global_batch_from_local(batch, self.mesh)
             parts.append(fn(state, batch))
-        return self._fns["concat"](parts, count)
+        return parts
 
-    def _functions(self, graphdef):
-        if self._fns.get("graphdef") != graphdef:   # one compile per model structure
-            from clapjax.embedding import embedding_functions
-            audio_fn, text_fn = embedding_functions(graphdef)
+    def embed_audio(self, model) -> tuple[jax.Array, dict[int, str]]:
+        """(N, D) embeddings of every clip and {clip index: why it could not be read}; an unreadable clip's
+        row is a silent clip's embedding (callers drop or refuse it)."""
+        graphdef, state = nnx.split(model)
+        fns = _model_functions(graphdef)
+        cfg, n, failures = model.config, len(self.set), {}
+        parts = []
+        for part in self._embed(fns["audio"], state, self._audio_batches(self._batch_plan(n), cfg.frontend,
+                                                                         cfg.enable_fusion, failures)):
+            parts.append(part)
+            if self.progress is not None:
+                self.progress(min(self.batch_size, n - (len(parts) - 1) * self.batch_size))
+        return fns["concat"](parts, n), failures
 
-            @jax.jit
-            def scale_fn(state):
-                return jnp.exp(nnx.merge(graphdef, state).logit_scale_a[...])
+    def embed_texts(self, model, texts: Sequence[str]) -> jax.Array:
+        """(len(texts), D) text embeddings, in the same fixed-size batches."""
+        graphdef, state = nnx.split(model)
+        batches = (self.tokenizer([texts[i] for i in rows]) for rows in self._batch_plan(len(texts)))
+        fns = _model_functions(graphdef)
+        return fns["concat"](self._embed(fns["text"], state, batches), len(texts))
 
-            self._fns = {"graphdef": graphdef, "audio": audio_fn, "text": text_fn, "scale": scale_fn,
-                         "concat": jax.jit(lambda parts, n: jnp.concatenate(parts)[:n], static_argnums=1)}
-        return self._fns
+    @staticmethod
+    def logit_scale(model) -> jax.Array:
+        """exp(logit_scale_a): what LAION's retrieval logits are scaled by."""
+        graphdef, state = nnx.split(model)
+        return _model_functions(graphdef)["scale"](state)
 
     def _group_metrics(self, audio, text, k: int) -> dict[str, float]:
         groups = np.asarray(self.set.groups)
@@ -198,16 +263,17 @@ class Evaluator:
 
     # --- the evaluation ------------------------------------------------------------------------------
     def __call__(self, model) -> EvalResult:
-        graphdef, state = nnx.split(model)
-        fns = self._functions(graphdef)
-        cfg = model.config
         n = len(self.set)
-        audio = self._embed(fns["audio"], state, n, lambda idx: self._audio_batch(idx, cfg.frontend, cfg.enable_fusion))
+        audio, failures = self.embed_audio(model)
+        if failures:
+            names = [self.set.keys[i] if self.set.keys else str(i) for i in sorted(failures)]
+            raise ValueError(f"evaluation set {self.set.name}: {len(failures)} clips could not be read: "
+                             + "; ".join(f"{k}: {failures[i]}" for k, i in zip(names[:5], sorted(failures))))
         counts = {len(c) for c in self.set.captions}
         k = counts.pop() if len(counts) == 1 else 1
         texts = [c for caps in self.set.captions for c in caps] if k > 1 else [c[0] for c in self.set.captions]
-        text = self._embed(fns["text"], state, len(texts), lambda idx: self.tokenizer([texts[i] for i in idx]))
-        scale = fns["scale"](state)
+        text = self.embed_texts(model, texts)
+        scale = self.logit_scale(model)
         if k > 1:
             metrics = M.to_python(M.clotho_audiocaps_metrics(audio, text, scale, captions_per_clip=k,
                                                              a2t_map=self.a2t_map))
@@ -220,7 +286,7 @@ class Evaluator:
             chance["retrieval/attribute_match@1"] = float((share ** 2).sum() / n ** 2)  # a random pick's group
         for name, task in self.set.zero_shot.items():
             prompts = [t.format(c) for c in task.classes for t in task.templates]
-            emb = self._embed(fns["text"], state, len(prompts), lambda idx: self.tokenizer([prompts[i] for i in idx]))
+            emb = self.embed_texts(model, prompts)
             classes = M.class_embeddings(emb.reshape(len(task.classes), len(task.templates), -1))
             zs = M.zero_shot_metrics(audio, classes, jnp.asarray(task.labels, jnp.int32))
             metrics.update(M.to_python(zs, prefix=f"zero_shot/{name}/"))
