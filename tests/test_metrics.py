@@ -1,6 +1,10 @@
-"""Metrics equal laion_clap's `get_metrics` / `evaluate_clotho_audiocaps` / zero-shot `accuracy` on random
-features, also when the inputs are batch-sharded over 8 devices."""
+"""Metrics equal laion_clap's `get_metrics` / `evaluate_clotho_audiocaps` / zero-shot `accuracy` / the zero-shot
+script's ranking on random features and on features with exact ties (duplicated rows, quantised embeddings, a
+clip whose captions are all the same), also when the inputs are batch-sharded over 8 devices."""
 import contextlib
+import importlib.util
+import os
+import sys
 import types
 from unittest import mock
 
@@ -10,7 +14,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clapjax.train import metrics as M
+from clapjax.train import torch_argsort
 import reference
+
+_HEAP_SORT = torch_argsort._heap_sort
 
 
 def _unit(rng, n, d=16):
@@ -30,6 +37,28 @@ def _close(ours: dict, theirs: dict, prefix: str = ""):
     for k, v in ours.items():
         ref = float(theirs[prefix + k])
         assert v == pytest.approx(ref, rel=1e-5, abs=1e-6), (k, v, ref)
+
+
+def _quantised(rng, n, d=16, nonzero=4):
+    """Unit rows of `nonzero` entries ±1/2: every dot product is a multiple of 1/4 in [-1, 1], so most
+    logits of a row tie exactly; with a scale of few mantissa bits (14.25) every logit is exact in
+    float32 whatever the summation order, in torch and in XLA alike."""
+    x = np.zeros((n, d), np.float32)
+    for row in x:
+        row[rng.choice(d, nonzero, replace=False)] = rng.choice([-0.5, 0.5], nonzero)
+    return x
+
+
+def _renormalised(x):
+    """x after torch's F.normalize: what LAION's evaluation ranks when the model returns x."""
+    import torch
+    return torch.nn.functional.normalize(torch.from_numpy(x), dim=-1).numpy()
+
+
+def _ties_matter(rows, targets):
+    """Some target's LAION rank is not its stable rank: the case exercises torch's tie order."""
+    stable = np.stack([np.asarray(M.ranks(rows, t)) for t in np.asarray(targets).reshape(len(rows), -1).T], 1)
+    return bool((stable != np.asarray(M.laion_ranks(rows, targets)).reshape(stable.shape)).any())
 
 
 def _sharded(*arrays):
@@ -63,6 +92,66 @@ def test_get_metrics_mlp_equal(rng):
                                audio_features_mlp=torch.from_numpy(am), text_features_mlp=torch.from_numpy(tm),
                                logit_scale_t=torch.tensor(st), mlp_loss=True)
     _close(M.retrieval_metrics(a, t, sa, am, tm, st), theirs)
+
+
+def test_torch_argsort_order_replayed(rng):
+    """train/torch_argsort replays torch.argsort(descending=True) on CPU: unstable past 16 entries."""
+    import torch
+    for n in (1, 16, 17, 40, 333):
+        for levels in (1, 3, 50):
+            row = rng.integers(0, levels, n).astype(np.float32)
+            want = torch.argsort(torch.from_numpy(row), descending=True).numpy()
+            np.testing.assert_array_equal(torch_argsort.descending_order(row), want, err_msg=f"{n} {levels}")
+    zeros = torch_argsort.descending_order(np.zeros(40, np.float32))
+    assert list(zeros[:3]) == [30, 21, 22]          # not 0, 1, 2: equal values do not keep their order
+    # the heapsort fallback: McIlroy's adversary against the replay builds a row that exhausts
+    # introsort's depth limit (values fixed as the sort asks, in tied pairs), then torch sorts it too
+    n, heap_sorts = 300, []
+    gas, val, state = n, [n] * n, {"solid": 0, "candidate": 0}
+
+    class Lazy:
+        def __init__(self, i):
+            self.i = i
+
+        def __gt__(self, other):
+            x, y = self.i, other.i
+            if val[x] == gas and val[y] == gas:
+                val[x if x == state["candidate"] else y] = state["solid"] // 2
+                state["solid"] += 1
+            if val[x] == gas:
+                state["candidate"] = x
+            elif val[y] == gas:
+                state["candidate"] = y
+            return val[x] > val[y]
+
+        def __lt__(self, other):
+            return other.__gt__(self)
+    torch_argsort._introsort_loop([Lazy(i) for i in range(n)], list(range(n)), 0, n, 2 * (n.bit_length() - 1))
+    row = np.asarray(val, np.float32)
+    with mock.patch.object(torch_argsort, "_heap_sort", side_effect=lambda *a: heap_sorts.append(1)
+                           or _HEAP_SORT(*a)):
+        got = torch_argsort.descending_order(row)
+    assert heap_sorts and len(np.unique(row)) < n
+    np.testing.assert_array_equal(got, torch.argsort(torch.from_numpy(row), descending=True).numpy())
+    with pytest.raises(ValueError, match="NaN"):
+        torch_argsort.descending_order(np.array([1.0, np.nan], np.float32))
+
+
+def test_get_metrics_equal_with_ties(rng):
+    """Duplicated clips and captions (a scale with a long mantissa) and quantised embeddings (every
+    row full of exact ties): LAION's numbers, its torch tie order included, sharded or not."""
+    import torch
+    train = _train()
+    n = 48
+    a, t = _unit(rng, n), _unit(rng, n)
+    a[30:40], t[10:20], t[40:44] = a[:10], t[:10], t[:4]       # 10 clips and 14 captions twice
+    quantised = (_quantised(rng, n), _quantised(rng, n))
+    for (a, t), scale in (((a, t), 1 / 0.07), (quantised, 14.25)):
+        theirs = train.get_metrics(torch.from_numpy(a), torch.from_numpy(t), torch.tensor(scale))
+        _close(M.retrieval_metrics(a, t, scale), theirs)
+        _close(M.retrieval_metrics(*_sharded(a, t), scale), theirs)
+        labels = np.arange(n)
+        assert _ties_matter(M.logits(a, t, scale), labels) and _ties_matter(M.logits(t, a, scale), labels)
 
 
 def test_perfect_and_reversed_rankings():
@@ -122,6 +211,88 @@ def test_clotho_audiocaps_equal(rng):
     assert srt["audio_to_text_R@1"] == pytest.approx(float(theirs["clotho-test/audio_to_text_R@1"]))
     with pytest.raises(ValueError, match="need 200 texts"):
         M.clotho_audiocaps_metrics(a, t[:-1], 1.0)
+
+
+def test_clotho_audiocaps_equal_with_ties(rng):
+    """A clip whose 5 captions are the same, duplicated clips, quantised embeddings: LAION's numbers."""
+    train = _train()
+    n = 40
+    a, t = _renormalised(_unit(rng, n, 8)), _renormalised(_unit(rng, 5 * n, 8))
+    t[15:20] = t[15]                     # clip 3's five captions are one
+    t[50:55] = t[10:15]                  # clip 10 has clip 2's captions
+    a[20:24] = a[4:8]                    # clips 20-23 are clips 4-7
+    quantised = (_quantised(rng, n, 8), _quantised(rng, 5 * n, 8))
+    for (a, t), scale in (((_renormalised(a), _renormalised(t)), 1 / 0.07), (quantised, 14.25)):
+        theirs = _laion_clotho(train, a, t, scale)
+        _close(M.clotho_audiocaps_metrics(a, t, scale), theirs, prefix="clotho-test/")
+        _close(M.clotho_audiocaps_metrics(*_sharded(a, t), scale), theirs, prefix="clotho-test/")
+        own = np.arange(n)[:, None] * 5 + np.arange(5)[None, :]
+        assert _ties_matter(M.logits(a, t, scale), own)
+
+
+def _laion_zero_shot(audio, classes, labels, scale):
+    """Run LAION's zero-shot script (evaluate/eval_zeroshot_classification.py, which imports as a
+    top-level script) on fixed features through a stand-in model and loader; its figures come back
+    through the wandb.log it calls."""
+    import torch
+    lc = reference.laion_clap()
+    import laion_clap.training as training
+    from laion_clap.clap_module import utils as clap_utils
+    from laion_clap.training import data as laion_data, logger, params, train
+    logged = {}
+    wandb = types.SimpleNamespace(log=lambda record: logged.update(record))
+    modules = {"wandb": wandb, "clap_module": lc.clap_module, "clap_module.utils": clap_utils,
+               "training": training, "training.logger": logger, "training.data": laion_data,
+               "training.train": train, "training.params": params}
+    path = os.path.join(os.path.dirname(lc.__file__), "evaluate", "eval_zeroshot_classification.py")
+
+    class Model:
+        def eval(self):
+            return self
+
+        def __call__(self, audios, texts, device):
+            if audios is None and texts is None:
+                return torch.tensor(scale), torch.tensor(1.0)
+            if texts is None:
+                return torch.from_numpy(audio)[audios["idx"]]
+            return torch.from_numpy(classes)[texts["input_ids"][:, 0]]
+
+    def tokenizer(texts, tmodel="roberta"):   # prompts "This is a sound of c{index}." → the class index
+        return {"input_ids": torch.tensor([[int(s.split(" c")[-1].rstrip("."))] for s in texts])}
+
+    one_hot = np.eye(len(classes), dtype=np.float32)[labels]
+    batches = [{"idx": torch.arange(i, min(i + 16, len(audio))), "class_label": torch.from_numpy(one_hot[i:i + 16])}
+               for i in range(0, len(audio), 16)]
+    args = types.SimpleNamespace(device="cpu", val_dataset_names=["ESC50"], tmodel="roberta", datasetnames=["esc50"],
+                                 wandb=True, class_index_dict={f"c{i}": i for i in range(len(classes))})
+    with mock.patch.dict(sys.modules, modules), mock.patch.object(laion_data, "tokenizer", tokenizer):
+        spec = importlib.util.spec_from_file_location("eval_zeroshot_classification", path)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        script.evaluate_zeroshot(Model(), {"val": types.SimpleNamespace(dataloader=batches)}, 0, args, None)
+    return {k[len("val/esc50_"):]: v for k, v in logged.items() if k.startswith("val/esc50_")}
+
+
+def test_zero_shot_ranking_equals_laion_script(rng):
+    """zero_shot_ranking_metrics = the zero-shot script's mean/median rank, R@1/5/10, mAP@10 (class index
+    as ground truth), on random features and on quantised ones full of ties, 50 classes as ESC-50."""
+    n, c = 64, 50
+    labels = rng.integers(0, c, n)
+    cases = (((_renormalised(_unit(rng, n)), _renormalised(_unit(rng, c))), 1 / 0.07),
+             ((_quantised(rng, n), _quantised(rng, c)), 14.25))
+    for (audio, classes), scale in cases:
+        theirs = _laion_zero_shot(audio, classes, labels, scale)
+        assert set(theirs) == {"mean_rank", "median_rank", "R@1", "R@5", "R@10", "mAP@10"}
+        theirs["num_samples"] = n
+        _close(M.zero_shot_ranking_metrics(audio, classes, labels, scale), theirs)
+        _close(M.zero_shot_ranking_metrics(*_sharded(audio), classes, labels, scale), theirs)
+        ours = M.to_python(M.zero_shot_metrics(audio, classes, labels))
+        assert ours["top1"] == pytest.approx(theirs["R@1"]) and ours["top5"] == pytest.approx(theirs["R@5"])
+    assert _ties_matter(M.logits(audio, classes, scale), labels)
+    with pytest.raises(ValueError, match="not a class index"):
+        M.zero_shot_ranking_metrics(audio, classes, np.full(n, c))
+    with pytest.raises(ValueError, match="one class index per clip"):
+        M.zero_shot_ranking_metrics(audio, classes, labels[:-1])
 
 
 def test_zero_shot_equals_laion_accuracy(rng):
