@@ -1,4 +1,5 @@
-"""`clapjax` command line: convert, download, export, embed-audio, embed-text, zero-shot, retrieve, train, launch, eval."""
+"""`clapjax` command line: convert, download, export, embed-audio, merge-embeddings, embed-text, zero-shot, retrieve,
+train, launch, eval, prepare."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import numpy as np
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus")
 DEFAULT_TEMPLATE = "This is a sound of {}."
+BAD_FILES_EXIT = 1  # some files could not be read (and --allow-bad-files was not given); the rest were embedded
 
 
 def _progress(iterable, total: int, desc: str):
@@ -34,12 +36,47 @@ def audio_paths(items: list[str]) -> list[str]:
     return out
 
 
-def _embed_files(clap, paths: list[str], seed: int | None, chunk: int = 32) -> np.ndarray:
+def _embed_files(clap, paths: list[str], seed: int | None, workers: int | None) -> tuple[list[str], np.ndarray, list]:
+    """(embedded paths, their rows, the files that failed as `stream.Failed`), decoding in a pool."""
     rng = None if seed is None else np.random.default_rng(seed)
-    parts = []
-    for start in _progress(range(0, len(paths), chunk), (len(paths) + chunk - 1) // chunk, "embedding audio"):
-        parts.append(clap.get_audio_embedding_from_filelist(paths[start:start + chunk], rng=rng))
-    return np.concatenate(parts)
+    embedded, parts, failed = [], [np.zeros((0, clap.config.joint_embed_shape), np.float32)], []
+    with _progress(None, len(paths), "embedding audio") as bar:
+        for batch in clap.iter_audio_embeddings(paths, rng, workers=workers, skip_bad=True):
+            embedded += batch.paths
+            parts.append(batch.embeddings)
+            failed += batch.failed
+            bar.update(batch.inputs)
+    return embedded, np.concatenate(parts), failed
+
+
+def _bad_files_status(failed: list, allowed: bool, listed_in: str | None = None) -> int:
+    """Say which files were left out; BAD_FILES_EXIT unless the user accepted them."""
+    if not failed:
+        return 0
+    where = f" (listed in {listed_in})" if listed_in else ""
+    print(f"{'warning' if allowed else 'error'}: {len(failed)} file(s) could not be read and were left out{where}:",
+          file=sys.stderr)
+    for f in failed[:10]:
+        print(f"  {f['reason'] if isinstance(f, dict) else f.reason}", file=sys.stderr)
+    if len(failed) > 10:
+        print(f"  ... and {len(failed) - 10} more", file=sys.stderr)
+    if allowed:
+        return 0
+    print("pass --allow-bad-files to accept them (exit 0)", file=sys.stderr)
+    return BAD_FILES_EXIT
+
+
+def _process_split(args) -> tuple[int, int]:
+    """(index, count) of this process: the flags, else the launch environment (SLURM, TPU pod, clapjax launch)."""
+    index, count = args.process_index, args.process_count
+    if index is None or count is None:
+        from clapjax.train import launch
+        group = launch.detect()
+        count = max(group.num_processes, 1) if count is None else count
+        index = max(group.process_id, 0) if index is None else index
+    if count < 1:
+        raise ValueError(f"--process-count must be at least 1, got {count}")
+    return index, count
 
 
 def _load(args, need_tokenizer: bool = False):
@@ -104,15 +141,30 @@ def cmd_export(args) -> int:
 
 
 def cmd_embed_audio(args) -> int:
-    paths = audio_paths(args.inputs)
+    from clapjax.app import embed_store
+    embed_store.Outputs.of(args.out)  # a bad --out is refused before the model loads
+    index, count = _process_split(args)
+    all_paths = [os.path.abspath(p) for p in audio_paths(args.inputs)]
+    paths, out = embed_store.split(all_paths, index, count), embed_store.part_out(args.out, index, count)
     clap = _load(args)
-    emb = _embed_files(clap, paths, args.seed)
-    np.save(args.out, emb)
-    index = os.path.splitext(args.out)[0] + ".paths.json"
-    with open(index, "w") as f:
-        json.dump([os.path.abspath(p) for p in paths], f, indent=1)
-    print(f"wrote {emb.shape[0]}×{emb.shape[1]} embeddings to {args.out} and their paths to {index}")
-    return 0
+    with _progress(None, len(paths), "embedding audio") as bar:
+        summary = embed_store.embed_to_file(clap, paths, out, seed=args.seed, workers=args.workers,
+                                            model=args.checkpoint, index=index, count=count, all_paths=all_paths,
+                                            progress=bar.update)
+    files = embed_store.Outputs.of(out)
+    resumed = f" (resumed after {summary.resumed_from} files)" if summary.resumed_from else ""
+    print(f"wrote {summary.rows}×{summary.dim} embeddings to {out} and their paths to {files.paths}{resumed}")
+    if count > 1:
+        print(f"part {index} of {count}: merge the parts with `clapjax merge-embeddings {args.out}`")
+    return _bad_files_status(summary.failed, args.allow_bad_files, files.failed)
+
+
+def cmd_merge_embeddings(args) -> int:
+    from clapjax.app import embed_store
+    summary = embed_store.merge(args.out)
+    print(f"merged {summary.rows}×{summary.dim} embeddings into {args.out} and their paths into "
+          f"{embed_store.Outputs.of(args.out).paths}")
+    return _bad_files_status(summary.failed, args.allow_bad_files, embed_store.Outputs.of(args.out).failed)
 
 
 def cmd_embed_text(args) -> int:
@@ -147,13 +199,14 @@ def cmd_zero_shot(args) -> int:
     paths = audio_paths(args.inputs)
     clap = _load(args, need_tokenizer=True)
     text = clap.get_text_embedding([args.template.format(lab) for lab in labels])
-    audio = _embed_files(clap, paths, args.seed)
-    idx, scores = cosine_top_k(audio, text, args.top_k)
-    for path, row, sc in zip(paths, idx, scores):
-        print(path)
-        for rank, (j, s) in enumerate(zip(row, sc), 1):
-            print(f"  {rank}. {labels[j]:<30} {s:+.4f}")
-    return 0
+    paths, audio, failed = _embed_files(clap, paths, args.seed, args.workers)
+    if paths:
+        idx, scores = cosine_top_k(audio, text, args.top_k)
+        for path, row, sc in zip(paths, idx, scores):
+            print(path)
+            for rank, (j, s) in enumerate(zip(row, sc), 1):
+                print(f"  {rank}. {labels[j]:<30} {s:+.4f}")
+    return _bad_files_status(failed, args.allow_bad_files)
 
 
 def cmd_retrieve(args) -> int:
@@ -209,6 +262,16 @@ def _model_args(p, tokenizer: bool):
                    help="JAX persistent compilation cache directory (default: %(default)s)")
 
 
+def _decode_args(p):
+    from clapjax.audio.stream import usable_cores
+    p.add_argument("--workers", type=int, default=usable_cores(),
+                   help="threads decoding files ahead of the model (default: the usable cores, %(default)s; "
+                        "0: decode in the main thread)")
+    p.add_argument("--allow-bad-files", action="store_true",
+                   help="files that cannot be read are always left out and listed; with this flag that exits 0 "
+                        f"(without it, {BAD_FILES_EXIT})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clapjax", description="CLAP in JAX: convert checkpoints, embed, search.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -241,9 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed-audio", help="audio files or folders → .npy embeddings + a .paths.json index")
     _model_args(p, tokenizer=False)
     p.add_argument("inputs", nargs="+", help="audio files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--out", required=True, help="output .npy (beside it: .paths.json, the file of each row; "
+                   ".failed.json, the files left out; .partial/ while running: a rerun resumes it)")
     p.add_argument("--seed", type=int, default=None, help="random crops of long clips (default: deterministic)")
+    _decode_args(p)
+    p.add_argument("--process-index", type=int, default=None,
+                   help="embed part I of a split file list into OUT.part-I-of-N.npy (default: the launch "
+                        "environment's process id, SLURM_PROCID / TPU_WORKER_ID / CLAPJAX_PROCESS_ID; else 0)")
+    p.add_argument("--process-count", type=int, default=None,
+                   help="the number N of parts (default: the launch environment's process count; else 1: no split)")
     p.set_defaults(fn=cmd_embed_audio)
+
+    p = sub.add_parser("merge-embeddings", help="join the parts of a split embed-audio run into one output")
+    p.add_argument("out", help="the --out the parts were written for (OUT.part-*-of-N.npy beside it)")
+    p.add_argument("--allow-bad-files", action="store_true", help="exit 0 even if some files were left out")
+    p.set_defaults(fn=cmd_merge_embeddings)
 
     p = sub.add_parser("embed-text", help="texts → .npy embeddings")
     _model_args(p, tokenizer=True)
@@ -259,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template (default: %(default)r)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--seed", type=int, default=None)
+    _decode_args(p)
     p.set_defaults(fn=cmd_zero_shot)
 
     p = sub.add_parser("retrieve", help="rank an embedded folder for a text query")
@@ -285,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(`clapjax eval --help` for its options)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("prepare", add_help=False, help="decode an audio-caption data set once into indexed shards "
+                       "for training (`clapjax prepare SRC OUT`; --help for its options)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_prepare)
     return ap
 
 
@@ -298,15 +379,20 @@ def cmd_launch(args) -> int:
     return launch.main(args.rest)
 
 
+def cmd_prepare(args) -> int:
+    from clapjax.train import prepare
+    return prepare.main(args.rest)
+
+
 # what a bad argument or input raises: printed as one line, exit status 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # eval and launch have their own parsers: eval's options and --help are clapjax.train.evaluate's, and
-    # everything after launch's `--` belongs to `clapjax train`
-    own_parser = {"eval": cmd_eval, "launch": cmd_launch}.get(argv[0] if argv else "")
+    # eval, prepare and launch have their own parsers: eval's options and --help are clapjax.train.evaluate's,
+    # prepare's clapjax.train.prepare's, and everything after launch's `--` belongs to `clapjax train`
+    own_parser = {"eval": cmd_eval, "launch": cmd_launch, "prepare": cmd_prepare}.get(argv[0] if argv else "")
     if own_parser is not None:
         try:
             return own_parser(argparse.Namespace(rest=argv[1:]))
