@@ -22,7 +22,9 @@ So ranks are computed in two steps: under jit, one comparison per row against it
 (the stable rank: entries strictly greater, plus equal ones at a smaller index) and a count of rows
 whose ground truth ties; only when that count is not zero are the logits brought to the host and
 those rows' sorts replayed. Without ties (real-valued logits, in practice) everything stays on the
-devices, runs unchanged on batch-sharded global arrays, and every output is a scalar.
+devices, runs unchanged on batch-sharded global arrays, and every output is a scalar. The metric
+functions decide on the host whether a replay is needed, so they are called as they are, not inside
+another jit.
 """
 from __future__ import annotations
 
@@ -220,6 +222,9 @@ def class_embeddings(text: jax.Array) -> jax.Array:
     return m / jnp.linalg.norm(m, axis=-1, keepdims=True)
 
 
+_scores = jax.jit(logits)
+
+
 def zero_shot_ranking_metrics(audio: jax.Array, classes: jax.Array, labels, logit_scale=1.0) -> dict[str, jax.Array]:
     """LAION's zero-shot script (`evaluate_zeroshot`): each of N clips ranks the C `classes` by
     logit_scale·audio·classᵀ and the ground truth is its class index `labels[i]`.
@@ -240,9 +245,6 @@ def zero_shot_ranking_metrics(audio: jax.Array, classes: jax.Array, labels, logi
     out = rank_summary(laion_ranks(scores, jnp.maximum(labels, 0)), "", valid)
     out["num_samples"] = valid.sum()
     return out
-
-
-_scores = jax.jit(logits)
 
 
 def zero_shot_metrics(audio: jax.Array, classes: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
