@@ -109,8 +109,9 @@ def read_meta(directory: str) -> dict:
             meta = json.load(f)
         except ValueError as err:
             raise ValueError(f"{path}: unreadable ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file (format {found!r})")
     if meta.get("grouping") not in GROUPINGS or meta.get("pcm") not in PCM_DTYPES:
         raise ValueError(f"{path}: grouping {meta.get('grouping')!r} / pcm {meta.get('pcm')!r} not one of "
                          f"{GROUPINGS} / {tuple(PCM_DTYPES)}")
@@ -154,9 +155,9 @@ class ArrayRecordShards(Source):
             if unknown:
                 raise ValueError(f"{directory}/{META_FILE} does not list {unknown[:3]}")
             entries = [listed[os.path.basename(p)] for p in paths]
-            if meta["grouping"] == "row" and len(entries) != len(listed):
+            if meta["grouping"] == "row" and entries != meta["shards"]:
                 raise ValueError(f"{directory} holds a manifest's rows: train from the whole directory, not "
-                                 f"{len(entries)} of its {len(listed)} files")
+                                 f"{len(entries)} of its {len(listed)} files or another order")
         self.directory, self.grouping = directory, meta["grouping"]
         self.sample_rate, self.dtype = int(meta["sample_rate"]), PCM_DTYPES[meta["pcm"]]
         self.quantized = meta["pcm"] == "int16"   # the samples already are LAION's int16 round trip

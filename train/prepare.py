@@ -191,6 +191,10 @@ def plan(source: Source, cfg: PrepareConfig, sizes_json: str | None = None) -> t
     raise ValueError(f"clapjax prepare reads tar shards or a manifest, not a {type(source).__name__}")
 
 
+def _files_planned(meta: dict) -> list[tuple]:
+    return [(s["file"], s["source"], s["records"]) for s in meta["shards"]]
+
+
 def _resumed(out_dir: str, fresh: dict) -> dict:
     """The metadata to continue with: `fresh` for a new directory, else the earlier run's, if it is the
     same preparation (same settings, source and files), with files that are not intact marked undone."""
@@ -199,10 +203,9 @@ def _resumed(out_dir: str, fresh: dict) -> dict:
             raise ValueError(f"{out_dir}: not empty and not a prepared directory; give an empty or new directory")
         return fresh
     old = AR.read_meta(out_dir)
-    plan_of = lambda m: [(s["file"], s["source"], s["records"]) for s in m["shards"]]  # noqa: E731
     settings = [k for k in fresh if k not in ("shards", "complete")]
     differ = {k: (old.get(k), fresh[k]) for k in settings if old.get(k) != fresh[k]}
-    if plan_of(old) != plan_of(fresh):
+    if _files_planned(old) != _files_planned(fresh):
         differ["shards"] = "a different list of files"
     if differ:
         raise ValueError(f"{out_dir} was prepared from another source or with other settings (there vs now: "
