@@ -110,15 +110,16 @@ def rank_summary(preds: jax.Array, prefix: str, valid: jax.Array | None = None) 
     """LAION's summary of 0-based ranks: mean/median rank (1-based; median floored), R@k, mAP@10,
     keyed '{prefix}_R@1' … (bare 'R@1' … when prefix is ''); with `valid`, over those entries only."""
     p = preds.astype(jnp.float32)
-    if valid is None:
-        valid = jnp.ones(p.shape, bool)
-    count = jnp.maximum(valid.sum(), 1)
+    if valid is None:   # plain reductions: no mask array beside the (maybe sharded) ranks
+        mean, median = jnp.mean, jnp.median(p)
+    else:
+        count = jnp.maximum(valid.sum(), 1)
 
-    def mean(x):
-        return jnp.where(valid, x, 0.0).sum() / count
+        def mean(x):
+            return jnp.where(valid, x, 0.0).sum() / count
+        median = jnp.nanmedian(jnp.where(valid, p, jnp.nan))
     key = f"{prefix}_" if prefix else ""
-    out = {f"{key}mean_rank": mean(p) + 1.0,
-           f"{key}median_rank": jnp.floor(jnp.nanmedian(jnp.where(valid, p, jnp.nan))) + 1.0}
+    out = {f"{key}mean_rank": mean(p) + 1.0, f"{key}median_rank": jnp.floor(median) + 1.0}
     for k in RECALL_AT:
         out[f"{key}R@{k}"] = mean(p < k)
     out[f"{key}mAP@{MAP_CUTOFF}"] = mean(jnp.where(p < MAP_CUTOFF, 1.0 / (p + 1.0), 0.0))
