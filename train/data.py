@@ -1,5 +1,6 @@
 """The training input pipeline (Grain): per-process sharding, interleaving, window shuffle, decoding
-and LAION's preprocessing in worker threads, bad-sample accounting, batching, exact resume.
+and LAION's preprocessing (in worker processes, or threads of the training process), bad-sample
+accounting, batching, exact resume.
 
     source = TarShards("data/train/")            # or Manifest(...), SyntheticSource(...)
     it = make_iterator(source, tokenizer, frontend, DataConfig(global_batch_size=256))
@@ -14,9 +15,18 @@ is random access), or not at all ('none'). The order is a pure function of (seed
 iterator state is only a position and a few counters.
 
 Per sample, `np.random.default_rng((seed, epoch, record))` draws the crop and the caption, so a record
-is prepared identically in any thread, after any resume, whatever the process count. Preparation is
+is prepared identically in any thread or worker, after any resume, whatever the process count. Preparation is
 LAION's: decode, mono, resample to the front end's rate, int16 round trip, then `rand_trunc` crop or
 `repeatpad` fill (`fusion`: the 4-chunk mel), one caption of the list. Tokenization is per batch.
+
+Workers. With `num_workers` = W > 0, W Grain worker processes (spawned: each imports clapjax afresh)
+prepare the samples, worker w the stream positions w, w+W, …, and the training process takes them
+round robin, so it sees the very stream one process would: skipping bad samples, tokenizing and
+batching stay in the training process, and batches are bit-identical for every W, 0 included. The
+iterator state is the stream position and the bad-sample counters, whatever W: a run may resume with
+another worker count. Workers end with the training process, a SIGKILLed one included. Spawned
+workers re-import the script that started them as `__mp_main__`: a script that builds the iterator at
+top level needs the `if __name__ == "__main__":` guard (the `clapjax` CLI has it).
 
 Bad samples (corrupt or empty audio, no caption) are dropped, counted and logged by key; the stream
 never puts another sample in their place. At each epoch end, and once `bad_check_after` samples were
@@ -29,16 +39,21 @@ input_ids / attention_mask (B, 77) int32 [token_type_ids for BERT], index (B,) i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 import sys
-from typing import Any, Literal, Mapping
+import threading
+import time
+from typing import Any, Callable, Literal, Mapping
 
 import grain
 import numpy as np
 
 from clapjax.audio import io as audio_io
 from clapjax.audio.frontend import FrontEndConfig
-from clapjax.train.data_sources import Manifest, Source, SyntheticSource, TarShards, captions, decode
+from clapjax.train.data_sources import (Manifest, Source, SyntheticSource, TarShards, bad_reason, captions,
+                                        decode)
 
 log = logging.getLogger("clapjax.train.data")
 STATE_VERSION = 1
@@ -64,8 +79,9 @@ class DataConfig:
     quantize: bool = True                  # LAION's int16 round trip
     max_bad_fraction: float = 0.01
     bad_check_after: int = 1000            # judge mid-epoch only after this many samples
-    num_threads: int = 2                   # decoding threads
-    prefetch_samples: int = 0              # samples decoded ahead (0: two local batches)
+    num_workers: int = 0                   # worker processes that decode and prepare (0: the training process)
+    num_threads: int = 2                   # decoding threads of each process that decodes (0: inline, no thread)
+    prefetch_samples: int = 0              # samples decoded ahead, over all workers (0: two local batches)
     with_keys: bool = False
 
     def __post_init__(self):
@@ -83,8 +99,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.truncating must be 'rand_trunc' or 'fusion', got {self.truncating!r}")
         if not 0.0 <= self.max_bad_fraction < 1.0:
             raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
-        if self.num_threads < 0 or self.prefetch_samples < 0:
-            raise ValueError("DataConfig.num_threads and prefetch_samples must be >= 0")
+        for name in ("num_workers", "num_threads", "prefetch_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"DataConfig.{name} must be an int >= 0, got {v!r}")
 
     @property
     def fused(self) -> bool:
@@ -164,6 +182,12 @@ class Prepare(grain.transforms.Map):
 
     def __init__(self, source: Source, frontend: FrontEndConfig, cfg: DataConfig):
         self.source, self.frontend, self.cfg = source, frontend, cfg
+        # a source whose samples already are LAION's int16 round trip (int16 pre-decoded shards): the round
+        # trip is the identity on them, so it is skipped
+        self.quantized = bool(getattr(source, "quantized", False))
+        if self.quantized and not cfg.quantize:
+            raise ValueError(f"the {source.name} source holds LAION's int16 round trip of its audio; train it with "
+                             f"data.quantize=True, or prepare the shards with --pcm float32")
 
     def map(self, element):
         epoch, pos, record = element
@@ -174,42 +198,81 @@ class Prepare(grain.transforms.Map):
             texts = captions(raw) if not raw.problem else None
             x = decode(raw, self.frontend.sample_rate)
             rng = np.random.default_rng((self.cfg.seed, epoch, record))
-            if self.cfg.quantize:
+            if self.cfg.quantize and not self.quantized:
                 x = audio_io.quantize_int16(x)
             feats = audio_io.clip_features(x, self.frontend, self.cfg.fused, rng, filling=self.cfg.filling,
                                            crop_mode=self.cfg.crop_mode)
             text = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
         except Exception as err:  # any failure of one record is that record's defect
-            return Bad(key, f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err),
-                       epoch, pos)
+            return Bad(key, bad_reason(err), epoch, pos)
         out = {k: feats[k] for k in audio_io.audio_input_keys(self.cfg.fused)}
         return {**out, "longer": feats["longer"], "index": record, "text": text, "key": key, "_end": (epoch, pos)}
+
+
+# --- the prepared-sample stream: in this process or in worker processes -------------------------------
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Start-up of each worker: exit once the training process is gone. Grain's workers are daemonic,
+    which ends them when the training process exits normally; a SIGKILLed one leaves them waiting
+    forever on a queue nobody reads, holding memory and open shards."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, name=f"exit-with-parent-{worker_index}", daemon=True).start()
+
+
+def prepared_stream(positions: _Positions, prepare: Prepare, cfg: DataConfig, buffer: int,
+                    start: int) -> grain.DatasetIterator:
+    """Prepared samples (or `Bad`) from stream position `start` on, in stream order. Workers: Grain's
+    `mp_prefetch` gives worker w the positions start+w, start+w+W, … and reads the workers round robin,
+    which is the stream order again."""
+    per_process = -(-buffer // cfg.num_workers) if cfg.num_workers else buffer
+    ds = positions[start:].map(prepare).to_iter_dataset(grain.ReadOptions(
+        num_threads=cfg.num_threads, prefetch_buffer_size=per_process if cfg.num_threads else 0))
+    if cfg.num_workers:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            # Grain 0.2.18 reads an absl flag when it starts a worker, which fails unless flags were parsed
+            # (google/grain#1355, fixed after this release); the defaults are what we want
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                         per_worker_buffer_size=per_process),
+                            worker_init_fn=_exit_with_parent)
+    return ds.__iter__()
 
 
 # --- bad-sample accounting ------------------------------------------------------------------------
 
 class _SkipBad(grain.IterDataset):
-    def __init__(self, parent, cfg: DataConfig, per_epoch: int):
-        super().__init__(parent)
-        self._cfg, self._per_epoch = cfg, per_epoch
+    """The stream without its bad samples; `stream(start)` builds the stream from a position (resume)."""
+
+    def __init__(self, stream: Callable[[int], grain.DatasetIterator], cfg: DataConfig, per_epoch: int):
+        super().__init__()
+        self._stream, self._cfg, self._per_epoch = stream, cfg, per_epoch
 
     def __iter__(self):
-        return _SkipBadIterator(self._parent.__iter__(), self._cfg, self._per_epoch)
+        return _SkipBadIterator(self._stream, self._cfg, self._per_epoch)
 
     def __str__(self) -> str:
         return "SkipBad"
 
 
 class _SkipBadIterator(grain.DatasetIterator):
-    def __init__(self, parent, cfg: DataConfig, per_epoch: int):
-        super().__init__(parent)
-        self._cfg, self._per_epoch = cfg, per_epoch
-        self.seen = self.bad = 0
+    def __init__(self, stream: Callable[[int], grain.DatasetIterator], cfg: DataConfig, per_epoch: int):
+        super().__init__()
+        self._stream, self._cfg, self._per_epoch = stream, cfg, per_epoch
+        self._upstream: grain.DatasetIterator | None = None    # built on the first draw (workers start then)
+        self.seen = self.bad = 0           # seen counts bad samples too: it is the stream position
         self.bad_keys: list[tuple[str, str]] = []
 
     def __next__(self):
+        if self._upstream is None:
+            self._upstream = self._stream(self.seen)
         while True:
-            item = next(self._parent)
+            item = next(self._upstream)
             self.seen += 1
             if isinstance(item, Bad):
                 self.bad += 1
@@ -233,13 +296,27 @@ class _SkipBadIterator(grain.DatasetIterator):
                 f"what is left. First bad samples: {listed}")
 
     def get_state(self) -> dict:
-        return {"parent": self._parent.get_state(), "seen": self.seen, "bad": self.bad,
+        # "parent" is the layout of Grain's in-process prefetch state, which this state had before workers
+        # (STATE_VERSION 1), so that those checkpoints resume; its next_index is always `seen`
+        return {"parent": {"next_index": self.seen}, "seen": self.seen, "bad": self.bad,
                 "bad_keys": [list(k) for k in self.bad_keys]}
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self.seen, self.bad = int(state["seen"]), int(state["bad"])
+        position, seen = int(state["parent"]["next_index"]), int(state["seen"])
+        if position != seen:
+            raise ValueError(f"data iterator state is inconsistent: stream position {position}, {seen} seen")
+        self.close_stream()
+        self.seen, self.bad = seen, int(state["bad"])
         self.bad_keys = [tuple(k) for k in state["bad_keys"]]
+
+    def close_stream(self) -> None:
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -271,11 +348,9 @@ class DataIterator:
         self.local_batch_size = cfg.global_batch_size // process_count
         positions = _Positions(source.groups(process_index, process_count), cfg, process_index)
         self.samples_per_epoch = positions.per_epoch
-        buffer = cfg.prefetch_samples or 2 * self.local_batch_size
-        ds = positions.map(Prepare(source, frontend, cfg)).to_iter_dataset(
-            grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=buffer if cfg.num_threads else 0))
-        ds = _SkipBad(ds, cfg, positions.per_epoch)
-        self._skip = None
+        stream = functools.partial(prepared_stream, positions, Prepare(source, frontend, cfg), cfg,
+                                   cfg.prefetch_samples or 2 * self.local_batch_size)
+        ds = _SkipBad(stream, cfg, positions.per_epoch)
         self._it = ds.batch(self.local_batch_size, drop_remainder=cfg.drop_remainder,
                             batch_fn=_Collate(tokenizer, cfg.with_keys, cfg.fused)).__iter__()
         self._fingerprint = {"version": STATE_VERSION, **source.fingerprint(), "seed": cfg.seed,
@@ -336,7 +411,8 @@ def make_iterator(source: Source, tokenizer, frontend: FrontEndConfig, cfg: Data
 
 def source_from_config(data: Mapping[str, Any]) -> Source:
     """A source from a config section: kind 'tar' (shards, sizes_json), 'manifest' (path,
-    audio_root) or 'synthetic' (n, split, synthetic_seed, clip_samples, mix_probability)."""
+    audio_root), 'synthetic' (n, split, synthetic_seed, clip_samples, mix_probability) or
+    'array_record' (shards: a directory `clapjax prepare` wrote, or its files)."""
     kind = data.get("kind")
     if kind == "tar":
         return TarShards(data["shards"], data.get("sizes_json"))
@@ -348,7 +424,10 @@ def source_from_config(data: Mapping[str, Any]) -> Source:
             int(data.get("synthetic_seed", 0)), int(data["n"]), data.get("split", "train"),
             clip_samples=int(data.get("clip_samples", synthetic.CLIP_SAMPLES)),
             mix_probability=float(data.get("mix_probability", synthetic.MIX_PROBABILITY))))
-    raise ValueError(f"unknown data kind {kind!r}; expected 'tar', 'manifest' or 'synthetic'")
+    if kind == "array_record":
+        from clapjax.train.array_records import ArrayRecordShards
+        return ArrayRecordShards(data["shards"])
+    raise ValueError(f"unknown data kind {kind!r}; expected 'tar', 'manifest', 'synthetic' or 'array_record'")
 
 
 def config_from_mapping(data: Mapping[str, Any], **fixed) -> DataConfig:

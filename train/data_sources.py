@@ -154,6 +154,16 @@ class TarShards(Source):
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.num_records = int(self.offsets[-1])
 
+    def __getstate__(self) -> dict:
+        # pickled into each data worker: the shard indexes travel (no re-indexing there), the lock cannot
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _shard(self, i: int) -> list:
         with self._lock:
             if i not in self._index:
@@ -294,6 +304,12 @@ def captions(raw: Raw) -> list[str]:
     return good
 
 
+def bad_reason(err: Exception) -> str:
+    """How a record's defect is worded in the bad-sample log and stats: `decode`'s and `captions`' ValueErrors
+    say what is wrong themselves; anything else (a failing read, a crop) is named by its type."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+
+
 def decode(raw: Raw, sample_rate: int) -> np.ndarray:
     """Mono float32 samples at `sample_rate`; ValueError for corrupt, empty or non-finite audio."""
     if raw.problem:
@@ -309,7 +325,10 @@ def decode(raw: Raw, sample_rate: int) -> np.ndarray:
         try:
             x, sr = sf.read(io.BytesIO(raw.audio), dtype="float32", always_2d=True)
         except Exception as err:  # libsndfile raises its own error types
-            raise ValueError(f"cannot decode .{raw.ext} ({type(err).__name__}: {err})") from None
+            # libsndfile's own message, without soundfile's "Error opening <BytesIO object at 0x…>: " prefix,
+            # so that a bad sample's reason (kept in the iterator state) is the same in every run
+            why = getattr(err, "error_string", None) or str(err)
+            raise ValueError(f"cannot decode .{raw.ext} ({type(err).__name__}: {why})") from None
         x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     x = audio_io.check_waveform(x, f".{raw.ext or 'audio'}")
     if sr != sample_rate:
