@@ -1,10 +1,14 @@
 """`make bench`: every CPU benchmark of issue 7 in one run → benchmarks/results/*.json + bench.md.
 
     python -m benchmarks.run_all [--quick] [--tiny] [--out benchmarks/results] [--only audio,text,...]
+                                 [--gpu-json benchmarks/results/gpu/gpu.json]
 
 Sections (one module each, in this order): audio (audio_throughput), text (text_throughput), train
 (train_step), converter, startup (uses the converter's output), fsdp (fsdp_memory), flops
-(achieved_flops, from the others' figures + a matmul peak measured here). Medians over repeats after
+(achieved_flops, from the others' figures + a matmul peak measured here), pipeline (input_pipeline:
+the training input pipeline's clips/s), folder (folder_embedding: embedding a folder of files end to
+end), host (host_cores: host cores one accelerator needs, from the pipeline's per-core rates and the
+step's FLOPs, or the step rates of `--gpu-json`, a `benchmarks.gpu` run's result). Medians over repeats after
 a warm-up call. A failing section is recorded with its error and the run goes on (the exit status
 is 1 then). `--quick`: one batch size per table, one repeat, a reduced train step and the tiny
 FSDP model (a few minutes). `--tiny` (with --quick): tiny clapjax models and no PyTorch columns
@@ -24,13 +28,15 @@ import traceback
 
 from benchmarks import common
 
-SECTIONS = ("audio", "text", "train", "converter", "startup", "fsdp", "flops")
+SECTIONS = ("audio", "text", "train", "converter", "startup", "fsdp", "flops", "pipeline", "folder", "host")
 TITLES = {"audio": "1. Audio embedding throughput", "text": "2. Text embedding throughput",
           "train": "3. Train step", "converter": "5. Converter", "startup": "4. Cold and warm start",
-          "fsdp": "6. FSDP memory per device", "flops": "7. Achieved GFLOP/s"}
+          "fsdp": "6. FSDP memory per device", "flops": "7. Achieved GFLOP/s",
+          "pipeline": "8. Training input pipeline", "folder": "9. Folder embedding",
+          "host": "10. Host cores per accelerator"}
 
 
-def _run_section(name: str, opts: common.Options, workdir: str, results: dict) -> dict:
+def _run_section(name: str, opts: common.Options, workdir: str, results: dict, gpu: dict | None = None) -> dict:
     if name == "audio":
         from benchmarks import audio_throughput
         return audio_throughput.run(opts)
@@ -55,6 +61,15 @@ def _run_section(name: str, opts: common.Options, workdir: str, results: dict) -
     if name == "flops":
         from benchmarks import achieved_flops
         return achieved_flops.run(opts, results)
+    if name == "pipeline":
+        from benchmarks import input_pipeline
+        return input_pipeline.run(opts)
+    if name == "folder":
+        from benchmarks import folder_embedding
+        return folder_embedding.run(opts)
+    if name == "host":
+        from benchmarks import host_cores
+        return host_cores.run(opts, results, gpu)
     raise ValueError(f"unknown section {name!r}; sections: {SECTIONS}")
 
 
@@ -81,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--workdir", default="", help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--gpu-json", default="", help="a `python -m benchmarks.gpu` result (gpu.json): the host "
+                                                   "section adds its measured step rates")
     args = ap.parse_args(argv)
     for k, val in common.OFFLINE_ENV.items():
         os.environ.setdefault(k, val)
@@ -89,6 +106,10 @@ def main(argv=None) -> int:
     bad = set(only) - set(SECTIONS)
     if bad:
         raise ValueError(f"unknown sections {sorted(bad)}; sections: {SECTIONS}")
+    gpu = None
+    if args.gpu_json:
+        with open(args.gpu_json) as f:
+            gpu = json.load(f)
     os.makedirs(args.out, exist_ok=True)
     workdir = args.workdir or tempfile.mkdtemp(prefix="clapjax-bench-")
     os.makedirs(workdir, exist_ok=True)
@@ -102,7 +123,7 @@ def main(argv=None) -> int:
             print(f"== {TITLES[name]}", flush=True)
             t0 = time.perf_counter()
             try:
-                results[name] = _run_section(name, opts, workdir, results)
+                results[name] = _run_section(name, opts, workdir, results, gpu)
             except Exception as err:   # record and go on: one broken section must not hide the others
                 traceback.print_exc()
                 results[name] = {"error": f"{type(err).__name__}: {err}"}

@@ -3,12 +3,19 @@ written as JSON and into the markdown table file. Speeds are not asserted (they 
 output, and this machine is shared); only that each figure exists and is a positive number."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
 import pytest
 
-from benchmarks import gpu, run_all
+from benchmarks import common, gpu, host_cores, run_all
+
+# sections whose module another change of issue 17 is still writing: until it lands, the run records
+# the section as failed with an ImportError (checked below) instead of this test failing
+PENDING = {name for name, module in (("pipeline", "benchmarks.input_pipeline"),
+                                     ("folder", "benchmarks.folder_embedding"))
+           if importlib.util.find_spec(module) is None}
 
 
 def _positive(x) -> bool:
@@ -26,12 +33,13 @@ def test_every_section_is_written(smoke_run):
     rc, out = smoke_run
     summary = json.loads((out / "all.json").read_text())
     errors = {k: v["error"] for k, v in summary["sections"].items() if "error" in v}
-    assert not errors and rc == 0, errors
+    assert set(errors) == PENDING and rc == (1 if PENDING else 0), errors
+    assert all(errors[name].startswith(("ImportError", "ModuleNotFoundError")) for name in PENDING), errors
     assert list(summary["sections"]) == list(run_all.SECTIONS)
     md = (out / "bench.md").read_text()
-    for name in run_all.SECTIONS:
+    for name in set(run_all.SECTIONS) - PENDING:
         section = json.loads((out / f"{name}.json").read_text())
-        assert section["rows"], name
+        assert section.get("rows", True), name
         assert run_all.TITLES[name] in md and section["table"] in md, name
     assert summary["environment"]["cores"] >= 1 and summary["environment"]["versions"]["jax"] != "absent"
 
@@ -54,6 +62,31 @@ def test_sections_hold_their_figures(smoke_run):
     assert fsdp["state_max_per_device_bytes"] < 0.75 * fsdp["state_total_bytes"]
     assert _positive(fsdp["temp_bytes"]) and fsdp["alias_bytes"] > 0     # the donated state is reused
     assert _positive(s["flops"]["peak"]["gflops"]) and all(_positive(r["gflops"]) for r in s["flops"]["rows"])
+    host = s["host"]
+    assert _positive(host["flops_per_pair"]) and all(_positive(r["pairs_per_s"]) for r in host["rows"])
+    if "pipeline" in PENDING:
+        assert not host["per_core_clips_per_s"] and any("No host-core column" in n for n in host["notes"])
+    else:
+        rates = s["pipeline"]["per_core_clips_per_s"]
+        assert rates and all(_positive(v) for v in rates.values())
+        assert all(set(r["cores"]) == set(rates) and all(_positive(c) for c in r["cores"].values())
+                   for r in host["rows"])
+
+
+def test_host_cores_are_the_demand_over_each_pipelines_per_core_rate(monkeypatch):
+    # the issue's figure: 75 GFLOP per pair, so one H100 at 50 % bf16 MFU wants ≈ 6,600 pairs/s
+    monkeypatch.setattr(host_cores, "flops_per_pair", lambda tiny: 75e9)
+    pipeline = {"per_core_clips_per_s": {"FLAC tars": 110.0, "pre-decoded shards": 1500.0}}
+    measured = {"device_kind": "NVIDIA H200", "devices": 2,
+                "train": [{"batch": 256, "pairs_per_s": 8000.0}, {"batch": 1024, "error": "out of memory"}]}
+    got = host_cores.run(common.Options(), {"pipeline": pipeline}, measured)
+    by_name = {r["accelerator"]: r for r in got["rows"]}
+    h100 = by_name["H100 SXM"]
+    assert h100["pairs_per_s"] == pytest.approx(0.5 * 989.4e12 / 75e9)
+    assert h100["cores"] == pytest.approx({"FLAC tars": h100["pairs_per_s"] / 110.0,
+                                           "pre-decoded shards": h100["pairs_per_s"] / 1500.0})
+    assert by_name["NVIDIA H200"]["pairs_per_s"] == 4000.0 and len(got["rows"]) == len(host_cores.ACCELERATORS) + 1
+    assert "cores: FLAC tars (110 clips/s/core)" in got["table"]
 
 
 def test_device_peak_table():
