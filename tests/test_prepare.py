@@ -76,8 +76,8 @@ def test_shards_hold_the_tars_records_in_order_with_bad_ones_kept(tars, prepared
 def test_same_seed_same_batches_as_the_tars_bit_for_bit(tars, prepared, tok, shuffle):
     cfg = D.DataConfig(global_batch_size=4, seed=3, num_epochs=2, shuffle=shuffle, window_size=6, cycle_length=2,
                        drop_remainder=False, with_keys=True, max_bad_fraction=0.5, num_threads=2)
-    ours, ours_stats = _batches(ArrayRecordShards(prepared[0]), tok, cfg)
-    theirs, their_stats = _batches(TarShards(tars), tok, cfg)
+    ours, ours_stats = _batches(D.source_from_config({"kind": "array_record", "shards": prepared[0]}), tok, cfg)
+    theirs, their_stats = _batches(D.source_from_config({"kind": "tar", "shards": tars}), tok, cfg)
     _assert_same(ours, theirs)
     assert ours_stats == their_stats and ours_stats["bad"] == 2 * len(BAD)   # the same bad keys and reasons
     # a second process of two reads the same shards as from the tars

@@ -26,7 +26,7 @@ from clapjax.audio import io as audio_io
 from clapjax.audio.frontend import FrontEndConfig
 from clapjax.audio.stream import usable_cores
 from clapjax.train import array_records as AR
-from clapjax.train.data_sources import Manifest, Raw, Source, TarShards, captions, decode
+from clapjax.train.data_sources import Manifest, Raw, Source, TarShards, bad_reason, captions, decode
 
 MANIFEST_EXTS = (".jsonl", ".json", ".csv")
 
@@ -85,11 +85,6 @@ def _mib(n: int) -> str:
 
 
 # --- one record, one file -------------------------------------------------------------------------------
-
-def bad_reason(err: Exception) -> str:
-    """A record's defect worded as the training pipeline's Prepare words it (its bad-sample log and stats)."""
-    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-
 
 def prepared_record(raw: Raw, sample_rate: int, pcm: str) -> tuple[bytes, bool]:
     """(a source record as stored, whether it is a bad sample): captions and samples as the training
