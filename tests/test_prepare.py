@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_parallel_workers_write_the_same_files_as_one_process(tars, prepared, tm
 
 def test_an_interrupted_prepare_keeps_finished_shards_and_redoes_the_partial_one(tars, prepared, tmp_path,
                                                                                  monkeypatch):
-    out = str(tmp_path / "resumed")
+    out, tars = str(tmp_path / "resumed"), str(shutil.copytree(tars, tmp_path / "tars"))
     real, calls = P.prepared_record, []
 
     def dies_in_the_second_shard(raw, *args):
@@ -141,6 +142,11 @@ def test_an_interrupted_prepare_keeps_finished_shards_and_redoes_the_partial_one
     kept = os.stat(os.path.join(out, "shard-000000.array_record"))
     assert (kept.st_ino, kept.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)    # not rewritten
     assert _files(out) == _files(prepared[0])                                        # as if never interrupted
+
+    with open(os.path.join(tars, "shard-000003.tar"), "ab") as f:   # a source tar that changed since: its shard is made again
+        f.write(bytes(512))
+    assert P.prepare(TarShards(tars), out, P.PrepareConfig(workers=0), log=lambda s: None).kept == 3
+    assert _files(out).keys() == _files(prepared[0]).keys()
 
     with pytest.raises(ValueError, match="other settings"):
         P.prepare(TarShards(tars), out, P.PrepareConfig(workers=0, pcm="float32"), log=lambda s: None)

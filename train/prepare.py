@@ -222,7 +222,8 @@ def prepare(source: Source, out_dir: str, cfg: PrepareConfig = PrepareConfig(), 
              "shards": [{"file": t.file, "source": t.origin, "records": t.records, "done": False} for t in tasks]}
     meta = _resumed(out_dir, fresh)
     entries = {s["file"]: s for s in meta["shards"]}
-    todo = [t for t in tasks if not entries[t.file]["done"]]
+    # a source file that changed since its shard was made (same name and count, other bytes) is made again
+    todo = [t for t in tasks if not entries[t.file]["done"] or entries[t.file]["source_bytes"] != _source_bytes(t)]
     for t in todo:   # a partial file (or one finished after its run stopped recording) is redone
         for name in (t.file, f".{t.file}.partial"):
             if os.path.exists(os.path.join(out_dir, name)):
