@@ -1,0 +1,259 @@
+"""Scoring a model on the papers' benchmarks (train/benchmark_sets.py): embed each benchmark's audio once
+(cached, train/eval_cache.py), then LAION's metrics on the clips that could be read.
+
+    results = run_benchmarks("630k-audioset-best", [("esc50", "ESC-50-master"), ("clotho", "clotho")])
+    for r in results:
+        print(format_benchmark(r))
+
+Zero-shot sets (ESC-50, UrbanSound8K, GTZAN) report LAION's zero-shot script figures
+(`metrics.zero_shot_ranking_metrics`: R@1 = top-1 accuracy, R@5, R@10, mAP@10, mean/median rank) on all
+clips and per fold; ESC-50 also LAION README's protocol (fold 1, its prompt without the full stop, under
+`readme_fold1/`). Retrieval sets (Clotho, AudioCaps) report `evaluate_clotho_audiocaps`' figures (5 captions a
+clip: text→audio ranks each caption, audio→text the best of a clip's 5). Missing and unreadable clips are left
+out of every figure and listed by name with their counts beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clapjax.train import benchmark_sets as B
+from clapjax.train import eval_cache
+from clapjax.train import metrics as M
+
+ZERO_SHOT_KEYS = ("R@1", "R@5", "R@10", f"mAP@{M.MAP_CUTOFF}", "mean_rank", "median_rank")
+
+
+@dataclasses.dataclass
+class BenchmarkResult:
+    benchmark: str                 # 'esc50', …
+    root: str                      # the dataset directory
+    listed: int                    # clips the release's metadata lists
+    scored: int                    # clips every figure is computed on (listed − missing − unreadable)
+    missing: list[str]             # listed clips with no file (relative paths)
+    unreadable: dict[str, str]     # relative path → why it could not be decoded
+    prompts: dict[str, str]        # zero-shot: the prompt template of each figure group ('' = all clips)
+    metrics: dict[str, float]      # metric name (as printed) → value
+    chance: dict[str, float]       # metric name → what a uniformly random ranking scores
+    published: dict[str, float]    # metric name → LAION's published figure for this model, where it has one
+    cached: bool = False           # the audio embeddings came from the cache
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- embedding ----------------------------------------------------------------------------------------
+
+def _eval_set(bench: B.Benchmark, sample_rate: int):
+    from clapjax.audio import io as audio_io
+    from clapjax.train.evaluate import EvalSet
+    captions = bench.captions or [[""] for _ in bench.files]   # zero-shot sets have none; never embedded
+    return EvalSet(bench.name, captions, lambda idx: [audio_io.load_audio(bench.files[i], sample_rate) for i in idx],
+                   keys=[os.path.relpath(f, bench.root) for f in bench.files])
+
+
+def embed_benchmark(bench: B.Benchmark, evaluator_for: Callable, model, model_id: str, *, seed: int = 0,
+                    crop_mode: str = "random", cache_dir: str | None = None, use_cache: bool = True):
+    """(embeddings (n, D) of the clips that decoded, their indices into bench.files, {index: reason}, cached?).
+    `evaluator_for(eval_set)` builds the Evaluator (batching, mesh, workers, progress)."""
+    key = eval_cache.entry_key(model_id, bench.name, bench.root, eval_cache.file_list_identity(bench.root, bench.files),
+                               seed, crop_mode)
+    path = eval_cache.entry_path(key, cache_dir)
+    if use_cache:
+        hit = eval_cache.load(path)
+        if hit is not None:
+            return (*hit, True)
+    evaluator = evaluator_for(_eval_set(bench, model.config.frontend.sample_rate))
+    audio, failures = evaluator.embed_audio(model)
+    kept = np.asarray([i for i in range(len(bench)) if i not in failures], np.int64)
+    embeddings = np.asarray(audio)[kept]
+    if use_cache:
+        eval_cache.save(path, embeddings, kept, failures)
+    return embeddings, kept, failures, False
+
+
+# --- scoring ------------------------------------------------------------------------------------------
+
+def _format_prompt(template: str, name: str) -> str:
+    return template.replace("{}", name)
+
+
+def check_prompt(template: str) -> str:
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' (where the class name goes), got {template!r}")
+    return template
+
+
+def _class_embeddings(embed_texts, classes, template):
+    emb = np.asarray(embed_texts([_format_prompt(template, c) for c in classes]))
+    return M.class_embeddings(emb[:, None, :])
+
+
+def score_zero_shot(bench: B.Benchmark, audio, kept, embed_texts, logit_scale, prompt: str | None = None):
+    """(metrics, chance, prompts) of a zero-shot benchmark on the kept clips."""
+    labels = bench.labels[kept]
+    template = check_prompt(prompt) if prompt else bench.prompt
+    classes = _class_embeddings(embed_texts, bench.classes, template)
+    c = len(bench.classes)
+    base = M.chance_levels(c)
+    base.update({"mean_rank": (c + 1) / 2, "median_rank": (c + 1) / 2})
+    metrics, chance, prompts = {}, {}, {"": template}
+
+    def group(prefix, class_emb, lab):
+        m = M.to_python(M.zero_shot_ranking_metrics(audio, class_emb, lab, logit_scale))
+        metrics[f"{prefix}num_samples"] = m["num_samples"]
+        for k in ZERO_SHOT_KEYS:
+            metrics[f"{prefix}{k}"] = m[k]
+            chance[f"{prefix}{k}"] = base[k]
+    group("", classes, labels)
+    if bench.folds is not None:
+        folds = bench.folds[kept]
+        for f in sorted(set(bench.folds.tolist())):
+            if (folds == f).any():
+                group(f"fold{f}/", classes, np.where(folds == f, labels, -1))
+    if bench.readme is not None:
+        fold = bench.readme.fold
+        rp = check_prompt(prompt) if prompt else bench.readme.prompt
+        prompts[f"readme_fold{fold}/"] = rp
+        readme_classes = classes if rp == template else _class_embeddings(embed_texts, bench.classes, rp)
+        folds = bench.folds[kept]
+        if (folds == fold).any():   # LAION's README ranks audio·text, no logit scale
+            group(f"readme_fold{fold}/", readme_classes, np.where(folds == fold, labels, -1))
+    return metrics, chance, prompts
+
+
+def score_retrieval(bench: B.Benchmark, audio, kept, embed_texts, logit_scale):
+    k = B.CAPTIONS_PER_CLIP
+    texts = [c for i in kept for c in bench.captions[i]]
+    text = np.asarray(embed_texts(texts))
+    metrics = M.to_python(M.clotho_audiocaps_metrics(audio, text, logit_scale, captions_per_clip=k))
+    base = M.chance_levels(len(kept))
+    chance = {}
+    for d in ("text_to_audio", "audio_to_text"):
+        for key in ("R@1", "R@5", "R@10", f"mAP@{M.MAP_CUTOFF}", "mean_rank", "median_rank"):
+            if f"{d}_{key}" in metrics:
+                chance[f"{d}_{key}"] = base.get(key, base["mean_rank"])
+    return metrics, chance, {}
+
+
+def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: dict) -> dict[str, float]:
+    """Metric name → LAION's figure, from train/published.py for the first of `model_names` it knows.
+    A fold-1 figure (LAION's README protocol) stands beside `readme_fold1/`, any other zero-shot one beside
+    the all-clips row."""
+    try:
+        from clapjax.train import published
+    except ImportError:   # the table of figures is optional: blank column
+        return {}
+    found = {}
+    for name in model_names:
+        try:
+            found = published.figures(name, bench.name)
+        except ValueError:   # a path or a name that is no release / repo id
+            continue
+        if found:
+            break
+    out = {}
+    for key, fig in found.items():
+        readme = bench.readme is not None and f"fold {bench.readme.fold}" in fig.protocol
+        name = f"readme_fold{bench.readme.fold}/{key}" if readme else key
+        if name in metrics:
+            out[name] = fig.value
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokenizer=None, revision=None,
+                   batch_size: int = 32, seed: int = 0, prompts: dict[str, str] | None = None,
+                   audiocaps_pattern: str = B.AUDIOCAPS_PATTERN, cache_dir: str | None = None,
+                   use_cache: bool = True, workers: int | None = None, progress: bool = True
+                   ) -> list[BenchmarkResult]:
+    """Score `model_name` (anything `clapjax eval MODEL` takes) on each (benchmark, dataset directory).
+
+    `prompts`: benchmark name → template ('{}' = the class name), '' → every zero-shot benchmark;
+    default LAION's. `cache_dir`: the root of the embedding cache (default the conversion cache's)."""
+    import jax
+    from clapjax import saved_model
+    from clapjax.convert import pretrained
+    from clapjax.train import sharding
+    from clapjax.train.evaluate import Evaluator
+    prompts = dict(prompts or {})
+    names = [B.benchmark_name(n) or n for n, _ in specs]
+    for key, template in prompts.items():
+        if key and B.benchmark_name(key) is None:
+            raise ValueError(f"--prompt names {key!r}, which is no benchmark ({', '.join(B.READERS)})")
+        check_prompt(template)
+    if len(set(names)) != len(names):
+        raise ValueError(f"each benchmark once per command, got {names}")
+    benches = [B.read_benchmark(n, p, audiocaps_pattern=audiocaps_pattern) for n, p in specs]
+    found = pretrained.find(model_name, revision=revision, tokenizer=tokenizer is None,
+                            conversion_cache_dir=cache_dir, log=lambda s: None)
+    tok = found.choose_tokenizer(tokenizer)
+    if tok is None:
+        raise pretrained.NoOwnTokenizer(model_name)
+    mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())   # batches over the local devices
+    model = saved_model.restore(found.model_dir, sharding=sharding.replicated(mesh))
+    model_id = eval_cache.model_identity(found.model_dir)
+    provenance = saved_model.read_provenance(found.model_dir) or {}
+    known_as = [model_name] + ([provenance["name"]] if provenance.get("name") else [])
+    results = []
+    for bench in benches:
+        bar = _progress_bar(bench, progress)
+
+        def evaluator_for(es):
+            return Evaluator(es, tok, batch_size=batch_size, mesh=mesh, seed=seed, workers=workers,
+                             progress=bar.update if bar else None)
+        text_eval = Evaluator(_eval_set(bench, model.config.frontend.sample_rate), tok, batch_size=batch_size,
+                              mesh=mesh)
+        try:
+            audio, kept, failures, cached = embed_benchmark(bench, evaluator_for, model, model_id, seed=seed,
+                                                            cache_dir=cache_dir, use_cache=use_cache)
+        finally:
+            if bar:
+                bar.close()
+        unreadable = {os.path.relpath(bench.files[i], bench.root): why for i, why in sorted(failures.items())}
+        if len(kept) == 0:
+            raise ValueError(f"{bench.name}: no clip could be read; first: {next(iter(unreadable.items()))}")
+        scale = float(np.asarray(Evaluator.logit_scale(model)))
+        embed_texts = lambda texts: text_eval.embed_texts(model, texts)   # noqa: E731
+        if bench.task == "zero_shot":
+            prompt = prompts.get(bench.name, prompts.get(""))
+            metrics, chance, used = score_zero_shot(bench, audio, kept, embed_texts, scale, prompt)
+        else:
+            metrics, chance, used = score_retrieval(bench, audio, kept, embed_texts, scale)
+        results.append(BenchmarkResult(bench.name, bench.root, bench.listed, len(kept), list(bench.missing),
+                                       unreadable, used, metrics, chance,
+                                       published_figures(known_as, bench, metrics), cached))
+    return results
+
+
+def _progress_bar(bench: B.Benchmark, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=len(bench), desc=f"{bench.name}: embedding audio", unit="clip", file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+def format_benchmark(r: BenchmarkResult, max_names: int = 10) -> str:
+    """The benchmark's table: metric, value, chance, LAION's published figure (blank where none)."""
+    lines = [f"{r.benchmark}: {r.scored} of {r.listed} clips scored ({r.root})"
+             + (" [audio embeddings from the cache]" if r.cached else "")]
+    for what, names in (("missing", r.missing), ("unreadable", [f"{k} ({v})" for k, v in r.unreadable.items()])):
+        if names:
+            shown = ", ".join(names[:max_names]) + (f", … ({len(names) - max_names} more)" if len(names) > max_names else "")
+            lines.append(f"  {len(names)} {what}, left out of every figure: {shown}")
+    for prefix, template in r.prompts.items():
+        lines.append(f"  prompt{' (' + prefix.rstrip('/') + ')' if prefix else ''}: {template!r}")
+    lines.append(f"  {'metric':<30}{'value':>10}{'chance':>10}{'published':>11}")
+    for name, value in r.metrics.items():
+        if name.endswith("num_samples"):
+            continue
+        pub = r.published.get(name)
+        lines.append(f"  {name:<30}{value:>10.4f}{r.chance.get(name, float('nan')):>10.4f}"
+                     f"{'' if pub is None else f'{pub:.4f}':>11}")
+    return "\n".join(lines)
