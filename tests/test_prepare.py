@@ -143,7 +143,7 @@ def test_an_interrupted_prepare_keeps_finished_shards_and_redoes_the_partial_one
     assert (kept.st_ino, kept.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)    # not rewritten
     assert _files(out) == _files(prepared[0])                                        # as if never interrupted
 
-    with open(os.path.join(tars, "shard-000003.tar"), "ab") as f:   # a source tar that changed since: its shard is made again
+    with open(os.path.join(tars, "shard-000003.tar"), "ab") as f:   # a tar that changed since: made again
         f.write(bytes(512))
     assert P.prepare(TarShards(tars), out, P.PrepareConfig(workers=0), log=lambda s: None).kept == 3
     assert _files(out).keys() == _files(prepared[0]).keys()

@@ -176,11 +176,11 @@ def plan(source: Source, cfg: PrepareConfig, sizes_json: str | None = None) -> t
                                    int(source.offsets[i]), int(source.sizes[i]), tar=p, sizes_json=sizes_json)
                          for i, p in enumerate(source.paths)]
     if isinstance(source, Manifest):
-        stem = os.path.splitext(os.path.basename(source.path))[0]
+        name = os.path.basename(source.path)
         tasks = []
         for k, a in enumerate(range(0, source.num_records, cfg.rows_per_shard)):
             b = min(source.num_records, a + cfg.rows_per_shard)
-            tasks.append(ShardTask(f"{stem}-{k:05d}{AR.SHARD_EXT}", f"rows {a}-{b - 1} of {os.path.basename(source.path)}",
+            tasks.append(ShardTask(f"{os.path.splitext(name)[0]}-{k:05d}{AR.SHARD_EXT}", f"rows {a}-{b - 1} of {name}",
                                    a, b - a, rows=tuple(source.read(i) for i in range(a, b))))
         return "row", tasks
     raise ValueError(f"clapjax prepare reads tar shards or a manifest, not a {type(source).__name__}")
@@ -225,6 +225,7 @@ def prepare(source: Source, out_dir: str, cfg: PrepareConfig = PrepareConfig(), 
     # a source file that changed since its shard was made (same name and count, other bytes) is made again
     todo = [t for t in tasks if not entries[t.file]["done"] or entries[t.file]["source_bytes"] != _source_bytes(t)]
     for t in todo:   # a partial file (or one finished after its run stopped recording) is redone
+        entries[t.file]["done"] = False
         for name in (t.file, f".{t.file}.partial"):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
