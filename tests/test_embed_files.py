@@ -9,7 +9,7 @@ import soundfile as sf
 
 from clapjax.app import api, cli
 from clapjax.audio import io as audio_io
-from docs_snippets import write_small_checkpoint
+from docs_snippets import write_small_checkpoint, write_tokenizer
 
 BATCHES = (2, 4)   # small batch sizes, so a dozen files make several batches
 NO_CACHE = ("--compilation-cache", "")
@@ -196,3 +196,16 @@ def test_split_defaults_from_the_launch_environment(tmp_path, model_dir, files, 
     assert embed(tmp_path, model_dir, *files[:4]) == 0
     part = tmp_path / "e.part-00001-of-00002.npy"
     np.testing.assert_array_equal(np.load(part), reference(load(model_dir, api.BATCH_SIZES), files[2:4]))
+
+
+def test_zero_shot_prints_the_readable_files_and_names_the_bad_ones(tmp_path, model_dir, files, bad_files, capsys,
+                                                                   monkeypatch):
+    with_text = api.CLAP.from_pretrained(str(model_dir), tokenizer=write_tokenizer(str(tmp_path / "tok")),
+                                         compilation_cache=None, batch_sizes=BATCHES)
+    monkeypatch.setattr(cli, "_load", lambda args, need_tokenizer=False: with_text)
+    args = ["zero-shot", str(model_dir), files[0], bad_files[0], files[1], "--labels", "dog,rain", *NO_CACHE]
+    assert cli.main(args) == cli.BAD_FILES_EXIT
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == files[:2]
+    assert f"{bad_files[0]}: cannot decode" in err
+    assert cli.main(args + ["--allow-bad-files"]) == 0

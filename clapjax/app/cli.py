@@ -66,19 +66,6 @@ def _bad_files_status(failed: list, allowed: bool, listed_in: str | None = None)
     return BAD_FILES_EXIT
 
 
-def _process_split(args) -> tuple[int, int]:
-    """(index, count) of this process: the flags, else the launch environment (SLURM, TPU pod, clapjax launch)."""
-    index, count = args.process_index, args.process_count
-    if index is None or count is None:
-        from clapjax.train import launch
-        group = launch.detect()
-        count = max(group.num_processes, 1) if count is None else count
-        index = max(group.process_id, 0) if index is None else index
-    if count < 1:
-        raise ValueError(f"--process-count must be at least 1, got {count}")
-    return index, count
-
-
 def _load(args, need_tokenizer: bool = False):
     from clapjax.app.api import CLAP
     # an audio-only command looks up no tokenizer (a laion .pt's would be fetched for nothing)
@@ -143,7 +130,7 @@ def cmd_export(args) -> int:
 def cmd_embed_audio(args) -> int:
     from clapjax.app import embed_store
     embed_store.Outputs.of(args.out)  # a bad --out is refused before the model loads
-    index, count = _process_split(args)
+    index, count = embed_store.process_split(args.process_index, args.process_count)
     all_paths = [os.path.abspath(p) for p in audio_paths(args.inputs)]
     paths, out = embed_store.split(all_paths, index, count), embed_store.part_out(args.out, index, count)
     clap = _load(args)

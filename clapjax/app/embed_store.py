@@ -54,6 +54,19 @@ class Summary:
     resumed_from: int    # input files already done by an earlier, interrupted run (0: a fresh run)
 
 
+def process_split(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count) of this process's part: as given, else from the launch environment (SLURM, TPU pod,
+    CLAPJAX_* of `clapjax launch`; `train.launch.detect`), else (0, 1)."""
+    if index is None or count is None:
+        from clapjax.train import launch
+        group = launch.detect()
+        count = max(group.num_processes, 1) if count is None else count
+        index = max(group.process_id, 0) if index is None else index
+    if count < 1:
+        raise ValueError(f"--process-count must be at least 1, got {count}")
+    return index, count
+
+
 def part_out(out: str, index: int, count: int) -> str:
     """The output of part `index` of `count` of a split run (`count` 1: `out` itself)."""
     if not 0 <= index < count:
