@@ -182,3 +182,32 @@ def test_bad_commands_say_what_is_wrong(data):
         E.main([model, f"esc50:{dirs['esc50']}", "--prompt", "no slot"])
     with pytest.raises(ValueError, match="each benchmark once"):
         E.main([model, f"esc50:{dirs['esc50']}", f"ESC-50:{dirs['esc50']}"])
+
+
+def test_published_figures_stand_beside_the_rows_of_their_protocol(data):
+    published = pytest.importorskip("clapjax.train.published")
+    _, dirs = data
+    bench = B.read_benchmark("esc50", dirs["esc50"])
+    metrics = {k: 0.5 for k in ("R@1", "fold1/R@1", "readme_fold1/R@1", "readme_fold1/mean_rank")}
+    want = published.figures("630k-audioset-best", "esc50")
+    got = R.published_figures(["/some/model/dir", "630k-audioset-best"], bench, metrics)
+    assert got == {"readme_fold1/R@1": want["R@1"].value, "readme_fold1/mean_rank": want["mean_rank"].value}
+    music = R.published_figures(["music_audioset_epoch_15_esc_90.14"], bench, metrics)
+    assert music == {"R@1": published.figures("music_audioset_epoch_15_esc_90.14", "esc50")["R@1"].value}
+    assert R.published_figures(["/some/model/dir"], bench, metrics) == {}
+
+
+def test_audio_to_text_chance_is_a_random_rankings_expected_score():
+    """Over every ranking of 2 clips × 2 captions (4 texts), the mean of LAION's audio→text figures is the chance
+    level (each audio ranks the texts in the same order: by linearity the mean is the same)."""
+    import itertools
+    from clapjax.train import metrics as M
+    got = {f"{k}": [] for k in ("R@1", "R@5", "mAP@10")}
+    for order in itertools.permutations(range(4)):
+        text = (4.0 - np.asarray(order, np.float32))[:, None]      # text j ranks order[j]-th
+        m = M.to_python(M.clotho_audiocaps_metrics(np.ones((2, 1), np.float32), text, 1.0, captions_per_clip=2))
+        for key in got:
+            got[key].append(m[f"audio_to_text_{key}"])
+    want = R.audio_to_text_chance(2, 2)
+    for key, values in got.items():
+        assert np.mean(values) == pytest.approx(want[key]), key

@@ -15,6 +15,7 @@ out of every figure and listed by name with their counts beside it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable, Sequence
@@ -126,18 +127,34 @@ def score_zero_shot(bench: B.Benchmark, audio, kept, embed_texts, logit_scale, p
     return metrics, chance, prompts
 
 
+def audio_to_text_chance(num_clips: int, k: int = B.CAPTIONS_PER_CLIP) -> dict[str, float]:
+    """What a uniformly random ranking of the k·N captions scores audio→text: R@r = P(the best of a clip's k
+    captions ranks within r), and LAION's mAP@10 (hits numbered in caption order; with the k positions a random
+    k-subset, E = [k·H(m)/M + k(k−1)/2 · H(m)(m−1)/(M(M−1))] / k, M = kN, m = min(10, M))."""
+    total = k * num_clips
+    out = {}
+    for r in M.RECALL_AT:
+        miss = np.prod([(total - k - j) / (total - j) for j in range(min(r, total))])
+        out[f"R@{r}"] = float(1 - miss)
+    m = min(M.MAP_CUTOFF, total)
+    harmonic = sum(1.0 / (p + 1) for p in range(m))
+    pairs = k * (k - 1) / 2 * harmonic * (m - 1) / (total * (total - 1)) if total > 1 else 0.0
+    out[f"mAP@{M.MAP_CUTOFF}"] = (k * harmonic / total + pairs) / k
+    return out
+
+
 def score_retrieval(bench: B.Benchmark, audio, kept, embed_texts, logit_scale):
+    """(metrics, chance, prompts={}) of a retrieval benchmark on the kept clips: LAION's 5-caption protocol."""
     k = B.CAPTIONS_PER_CLIP
     texts = [c for i in kept for c in bench.captions[i]]
     text = np.asarray(embed_texts(texts))
     metrics = M.to_python(M.clotho_audiocaps_metrics(audio, text, logit_scale, captions_per_clip=k))
-    base = M.chance_levels(len(kept))
-    chance = {}
-    for d in ("text_to_audio", "audio_to_text"):
-        for key in ("R@1", "R@5", "R@10", f"mAP@{M.MAP_CUTOFF}", "mean_rank", "median_rank"):
-            if f"{d}_{key}" in metrics:
-                chance[f"{d}_{key}"] = base.get(key, base["mean_rank"])
-    return metrics, chance, {}
+    t2a = M.chance_levels(len(kept))   # each caption ranks the N clips
+    t2a["median_rank"] = t2a["mean_rank"]
+    a2t = audio_to_text_chance(len(kept), k)
+    chance = {f"text_to_audio_{key}": v for key, v in t2a.items()}
+    chance.update({f"audio_to_text_{key}": v for key, v in a2t.items()})
+    return metrics, {key: v for key, v in chance.items() if key in metrics}, {}
 
 
 def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: dict) -> dict[str, float]:
@@ -254,6 +271,51 @@ def format_benchmark(r: BenchmarkResult, max_names: int = 10) -> str:
         if name.endswith("num_samples"):
             continue
         pub = r.published.get(name)
-        lines.append(f"  {name:<30}{value:>10.4f}{r.chance.get(name, float('nan')):>10.4f}"
+        chance = r.chance.get(name)
+        lines.append(f"  {name:<30}{value:>10.4f}{'' if chance is None else f'{chance:.4f}':>10}"
                      f"{'' if pub is None else f'{pub:.4f}':>11}")
     return "\n".join(lines)
+
+
+# --- `clapjax eval MODEL BENCH:PATH …` ---------------------------------------------------------------
+
+def benchmark_specs(data: Sequence[str]) -> list[tuple[str, str]] | None:
+    """[(benchmark, path)] when every DATA argument is 'BENCH:PATH' with a known benchmark, None when none is;
+    a mixture is an error."""
+    specs = [(d.split(":", 1)[0], d.split(":", 1)[1]) if ":" in d and B.benchmark_name(d.split(":", 1)[0]) else None
+             for d in data]
+    if all(s is None for s in specs):
+        if len(data) > 1:
+            raise ValueError(f"several DATA arguments are only for benchmarks (BENCH:PATH, BENCH one of "
+                             f"{', '.join(B.READERS)}); got {list(data)}")
+        return None
+    bad = [d for d, s in zip(data, specs) if s is None]
+    if bad:
+        raise ValueError(f"{bad}: not BENCH:PATH with BENCH one of {', '.join(B.READERS)} (a synthetic spec, manifest "
+                         "or shards is evaluated alone)")
+    return specs
+
+
+def prompt_overrides(values: Sequence[str]) -> dict[str, str]:
+    """--prompt 'T' (every zero-shot benchmark) or --prompt BENCH='T'."""
+    out = {}
+    for v in values:
+        head, sep, tail = v.partition("=")
+        if sep and B.benchmark_name(head):
+            out[B.benchmark_name(head)] = tail
+        else:
+            out[""] = v
+    return out
+
+
+def main(args, specs) -> int:
+    """`clapjax eval MODEL BENCH:PATH …` (its arguments parsed by train/evaluate.py's main): the tables, --json."""
+    results = run_benchmarks(
+        args.checkpoint, specs, tokenizer=args.tokenizer, revision=args.revision, batch_size=args.batch_size,
+        seed=args.seed, prompts=prompt_overrides(args.prompt), audiocaps_pattern=args.audiocaps_pattern,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, workers=args.workers, progress=not args.no_progress)
+    print("\n\n".join(format_benchmark(r) for r in results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({r.benchmark: r.to_json() for r in results}, f, indent=1)
+    return 0

@@ -21,6 +21,9 @@ identically". Strict R@1 then has a ceiling below 1: a perfect model ranks the r
 can only guess within it. The evaluator adds that ceiling (`*_R@1_ceiling`, exact for the set) and
 `*_attribute_match@1`: the top-ranked item belongs to the query's group (what a perfect model scores
 1.0 on), each with its chance level.
+
+`clapjax eval MODEL DATA` evaluates one such set; `clapjax eval MODEL BENCH:PATH …` the papers' benchmarks
+(train/benchmark_sets.py reads them, train/benchmark_run.py scores them through `Evaluator.embed_audio`).
 """
 from __future__ import annotations
 
@@ -336,38 +339,8 @@ def eval_set_from_spec(spec: str, sample_rate: int, clip_samples: int) -> EvalSe
     return EvalSet.from_source(source, sample_rate)
 
 
-def _benchmark_specs(data: Sequence[str]) -> list[tuple[str, str]] | None:
-    """[(benchmark, path)] when every DATA argument is 'BENCH:PATH' with a known benchmark, None when none is;
-    a mixture is an error."""
-    from clapjax.train.benchmark_sets import READERS, benchmark_name
-    specs = [(d.split(":", 1)[0], d.split(":", 1)[1]) if ":" in d and benchmark_name(d.split(":", 1)[0]) else None
-             for d in data]
-    if all(s is None for s in specs):
-        if len(data) > 1:
-            raise ValueError(f"several DATA arguments are only for benchmarks (BENCH:PATH, BENCH one of "
-                             f"{', '.join(READERS)}); got {list(data)}")
-        return None
-    bad = [d for d, s in zip(data, specs) if s is None]
-    if bad:
-        raise ValueError(f"{bad}: not BENCH:PATH with BENCH one of {', '.join(READERS)} (a synthetic spec, manifest "
-                         "or shards is evaluated alone)")
-    return specs
-
-
-def _prompt_overrides(values: Sequence[str]) -> dict[str, str]:
-    """--prompt 'T' (every zero-shot benchmark) or --prompt BENCH='T'."""
-    from clapjax.train.benchmark_sets import benchmark_name
-    out = {}
-    for v in values:
-        head, sep, tail = v.partition("=")
-        if sep and benchmark_name(head):
-            out[benchmark_name(head)] = tail
-        else:
-            out[""] = v
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from clapjax.train.benchmark_sets import AUDIOCAPS_PATTERN
     p = argparse.ArgumentParser(prog="clapjax eval", description="retrieval and zero-shot metrics of a model: on "
                                 "a data set (synthetic, manifest, shards) or on the papers' benchmarks (BENCH:PATH)")
     p.add_argument("checkpoint", metavar="MODEL", help="a clapjax model directory (`clapjax convert`, a training "
@@ -384,16 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--prompt", action="append", default=[], metavar="[BENCH=]TEMPLATE",
                    help="zero-shot prompt, '{}' = the class name, for every zero-shot benchmark or for BENCH "
                    "(default LAION's: 'This is a sound of {}.', GTZAN 'This is a {} song.')")
-    b.add_argument("--audiocaps-pattern", default="{youtube_id}_{start_time}.wav",
+    b.add_argument("--audiocaps-pattern", default=AUDIOCAPS_PATTERN,
                    help="AudioCaps clip file names under PATH, from {youtube_id} and {start_time}")
     b.add_argument("--cache-dir", help="root of the audio-embedding cache (default: the conversion cache's)")
     b.add_argument("--no-cache", action="store_true", help="embed the audio again; read and write no cache")
     b.add_argument("--workers", type=int, help="audio decoding threads (default: the usable cores)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    specs = _benchmark_specs(args.data)
+    from clapjax.train import benchmark_run
+    specs = benchmark_run.benchmark_specs(args.data)
     if specs is not None:
-        return _main_benchmarks(args, specs)
+        return benchmark_run.main(args, specs)
     from clapjax import saved_model
     from clapjax.convert import pretrained
     found = pretrained.find(args.checkpoint, revision=args.revision, tokenizer=args.tokenizer is None,
@@ -409,19 +383,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"metrics": result.metrics, "chance": result.chance}, f, indent=1)
-    return 0
-
-
-def _main_benchmarks(args, specs) -> int:
-    from clapjax.train import benchmark_run
-    results = benchmark_run.run_benchmarks(
-        args.checkpoint, specs, tokenizer=args.tokenizer, revision=args.revision, batch_size=args.batch_size,
-        seed=args.seed, prompts=_prompt_overrides(args.prompt), audiocaps_pattern=args.audiocaps_pattern,
-        cache_dir=args.cache_dir, use_cache=not args.no_cache, workers=args.workers, progress=not args.no_progress)
-    print("\n\n".join(benchmark_run.format_benchmark(r) for r in results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({r.benchmark: r.to_json() for r in results}, f, indent=1)
     return 0
 
 
