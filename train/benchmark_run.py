@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -49,7 +49,8 @@ class BenchmarkResult:
 
 # --- embedding ----------------------------------------------------------------------------------------
 
-def _eval_set(bench: B.Benchmark, sample_rate: int):
+def benchmark_eval_set(bench: B.Benchmark, sample_rate: int):
+    """The clips as an EvalSet that decodes each file when the evaluator asks for it."""
     from clapjax.audio import io as audio_io
     from clapjax.train.evaluate import EvalSet
     captions = bench.captions or [[""] for _ in bench.files]   # zero-shot sets have none; never embedded
@@ -57,18 +58,17 @@ def _eval_set(bench: B.Benchmark, sample_rate: int):
                    keys=[os.path.relpath(f, bench.root) for f in bench.files])
 
 
-def embed_benchmark(bench: B.Benchmark, evaluator_for: Callable, model, model_id: str, *, seed: int = 0,
-                    crop_mode: str = "random", cache_dir: str | None = None, use_cache: bool = True):
+def embed_benchmark(bench: B.Benchmark, evaluator, model, model_id: str, *, cache_dir: str | None = None,
+                    use_cache: bool = True):
     """(embeddings (n, D) of the clips that decoded, their indices into bench.files, {index: reason}, cached?).
-    `evaluator_for(eval_set)` builds the Evaluator (batching, mesh, workers, progress)."""
-    key = eval_cache.entry_key(model_id, bench.name, bench.root, eval_cache.file_list_identity(bench.root, bench.files),
-                               seed, crop_mode)
+    `evaluator`: an Evaluator of `benchmark_eval_set(bench, …)` (its batching, mesh, workers, seed, progress)."""
+    files = eval_cache.file_list_identity(bench.root, bench.files)
+    key = eval_cache.entry_key(model_id, bench.name, bench.root, files, evaluator.seed, evaluator.crop_mode)
     path = eval_cache.entry_path(key, cache_dir)
     if use_cache:
         hit = eval_cache.load(path)
         if hit is not None:
             return (*hit, True)
-    evaluator = evaluator_for(_eval_set(bench, model.config.frontend.sample_rate))
     audio, failures = evaluator.embed_audio(model)
     kept = np.asarray([i for i in range(len(bench)) if i not in failures], np.int64)
     embeddings = np.asarray(audio)[kept]
@@ -80,7 +80,7 @@ def embed_benchmark(bench: B.Benchmark, evaluator_for: Callable, model, model_id
 # --- scoring ------------------------------------------------------------------------------------------
 
 def _format_prompt(template: str, name: str) -> str:
-    return template.replace("{}", name)
+    return template.replace("{}", name)   # not str.format: a user's template may hold other braces
 
 
 def check_prompt(template: str) -> str:
@@ -104,8 +104,8 @@ def score_zero_shot(bench: B.Benchmark, audio, kept, embed_texts, logit_scale, p
     base.update({"mean_rank": (c + 1) / 2, "median_rank": (c + 1) / 2})
     metrics, chance, prompts = {}, {}, {"": template}
 
-    def group(prefix, class_emb, lab):
-        m = M.to_python(M.zero_shot_ranking_metrics(audio, class_emb, lab, logit_scale))
+    def group(prefix, class_emb, lab, scale=logit_scale):
+        m = M.to_python(M.zero_shot_ranking_metrics(audio, class_emb, lab, scale))
         metrics[f"{prefix}num_samples"] = m["num_samples"]
         for k in ZERO_SHOT_KEYS:
             metrics[f"{prefix}{k}"] = m[k]
@@ -123,7 +123,7 @@ def score_zero_shot(bench: B.Benchmark, audio, kept, embed_texts, logit_scale, p
         readme_classes = classes if rp == template else _class_embeddings(embed_texts, bench.classes, rp)
         folds = bench.folds[kept]
         if (folds == fold).any():   # LAION's README ranks audio·text, no logit scale
-            group(f"readme_fold{fold}/", readme_classes, np.where(folds == fold, labels, -1))
+            group(f"readme_fold{fold}/", readme_classes, np.where(folds == fold, labels, -1), 1.0)
     return metrics, chance, prompts
 
 
@@ -192,7 +192,8 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
     """Score `model_name` (anything `clapjax eval MODEL` takes) on each (benchmark, dataset directory).
 
     `prompts`: benchmark name → template ('{}' = the class name), '' → every zero-shot benchmark;
-    default LAION's. `cache_dir`: the root of the embedding cache (default the conversion cache's)."""
+    default LAION's. `cache_dir`: the root of the embedding cache (default the conversion cache's root; models
+    are converted into the conversion cache as always)."""
     import jax
     from clapjax import saved_model
     from clapjax.convert import pretrained
@@ -207,8 +208,7 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
     if len(set(names)) != len(names):
         raise ValueError(f"each benchmark once per command, got {names}")
     benches = [B.read_benchmark(n, p, audiocaps_pattern=audiocaps_pattern) for n, p in specs]
-    found = pretrained.find(model_name, revision=revision, tokenizer=tokenizer is None,
-                            conversion_cache_dir=cache_dir, log=lambda s: None)
+    found = pretrained.find(model_name, revision=revision, tokenizer=tokenizer is None, log=lambda s: None)
     tok = found.choose_tokenizer(tokenizer)
     if tok is None:
         raise pretrained.NoOwnTokenizer(model_name)
@@ -220,15 +220,12 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
     results = []
     for bench in benches:
         bar = _progress_bar(bench, progress)
-
-        def evaluator_for(es):
-            return Evaluator(es, tok, batch_size=batch_size, mesh=mesh, seed=seed, workers=workers,
-                             progress=bar.update if bar else None)
-        text_eval = Evaluator(_eval_set(bench, model.config.frontend.sample_rate), tok, batch_size=batch_size,
-                              mesh=mesh)
+        evaluator = Evaluator(benchmark_eval_set(bench, model.config.frontend.sample_rate), tok,
+                              batch_size=batch_size, mesh=mesh, seed=seed, workers=workers,
+                              progress=bar.update if bar else None)
         try:
-            audio, kept, failures, cached = embed_benchmark(bench, evaluator_for, model, model_id, seed=seed,
-                                                            cache_dir=cache_dir, use_cache=use_cache)
+            audio, kept, failures, cached = embed_benchmark(bench, evaluator, model, model_id, cache_dir=cache_dir,
+                                                            use_cache=use_cache)
         finally:
             if bar:
                 bar.close()
@@ -236,7 +233,9 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
         if len(kept) == 0:
             raise ValueError(f"{bench.name}: no clip could be read; first: {next(iter(unreadable.items()))}")
         scale = float(np.asarray(Evaluator.logit_scale(model)))
-        embed_texts = lambda texts: text_eval.embed_texts(model, texts)   # noqa: E731
+
+        def embed_texts(texts, evaluator=evaluator):
+            return evaluator.embed_texts(model, texts)
         if bench.task == "zero_shot":
             prompt = prompts.get(bench.name, prompts.get(""))
             metrics, chance, used = score_zero_shot(bench, audio, kept, embed_texts, scale, prompt)
