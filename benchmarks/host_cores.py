@@ -59,7 +59,7 @@ def run(opts: common.Options, results: dict, gpu: dict | None = None) -> dict:
     rows = demand(per_pair, gpu)
     pipeline = results.get("pipeline", {})
     supply = pipeline.get("per_core_clips_per_s") or {}
-    notes = [f"Train step: {per_pair / 1e9:.1f} GFLOP per pair (XLA cost analysis, "
+    notes = [f"Train step: {per_pair / 1e9:.3g} GFLOP per pair (XLA cost analysis, "
              + ("the tiny smoke model: not the real demand)" if opts.tiny else "HTSAT-tiny + RoBERTa-base, bf16)"),
              "For scale: a DGX H100 has 2 × 56-core Xeon 8480C for its 8 GPUs, 14 cores per GPU."]
     if not supply:

@@ -3,19 +3,12 @@ written as JSON and into the markdown table file. Speeds are not asserted (they 
 output, and this machine is shared); only that each figure exists and is a positive number."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
 from benchmarks import common, gpu, host_cores, run_all
-
-# sections whose module another change of issue 17 is still writing: until it lands, the run records
-# the section as failed with an ImportError (checked below) instead of this test failing
-PENDING = {name for name, module in (("pipeline", "benchmarks.input_pipeline"),
-                                     ("folder", "benchmarks.folder_embedding"))
-           if importlib.util.find_spec(module) is None}
 
 
 def _positive(x) -> bool:
@@ -33,13 +26,12 @@ def test_every_section_is_written(smoke_run):
     rc, out = smoke_run
     summary = json.loads((out / "all.json").read_text())
     errors = {k: v["error"] for k, v in summary["sections"].items() if "error" in v}
-    assert set(errors) == PENDING and rc == (1 if PENDING else 0), errors
-    assert all(errors[name].startswith(("ImportError", "ModuleNotFoundError")) for name in PENDING), errors
+    assert not errors and rc == 0, errors
     assert list(summary["sections"]) == list(run_all.SECTIONS)
     md = (out / "bench.md").read_text()
-    for name in set(run_all.SECTIONS) - PENDING:
+    for name in run_all.SECTIONS:
         section = json.loads((out / f"{name}.json").read_text())
-        assert section.get("rows", True), name
+        assert section["rows"], name
         assert run_all.TITLES[name] in md and section["table"] in md, name
     assert summary["environment"]["cores"] >= 1 and summary["environment"]["versions"]["jax"] != "absent"
 
@@ -64,13 +56,9 @@ def test_sections_hold_their_figures(smoke_run):
     assert _positive(s["flops"]["peak"]["gflops"]) and all(_positive(r["gflops"]) for r in s["flops"]["rows"])
     host = s["host"]
     assert _positive(host["flops_per_pair"]) and all(_positive(r["pairs_per_s"]) for r in host["rows"])
-    if "pipeline" in PENDING:
-        assert not host["per_core_clips_per_s"] and any("No host-core column" in n for n in host["notes"])
-    else:
-        rates = s["pipeline"]["per_core_clips_per_s"]
-        assert rates and all(_positive(v) for v in rates.values())
-        assert all(set(r["cores"]) == set(rates) and all(_positive(c) for c in r["cores"].values())
-                   for r in host["rows"])
+    rates = s["pipeline"]["per_core_clips_per_s"]
+    assert rates and all(_positive(v) for v in rates.values()) and host["per_core_clips_per_s"] == rates
+    assert all(set(r["cores"]) == set(rates) and all(_positive(c) for c in r["cores"].values()) for r in host["rows"])
 
 
 def test_host_cores_are_the_demand_over_each_pipelines_per_core_rate(monkeypatch):
