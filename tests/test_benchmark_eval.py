@@ -211,3 +211,31 @@ def test_audio_to_text_chance_is_a_random_rankings_expected_score():
     want = R.audio_to_text_chance(2, 2)
     for key, values in got.items():
         assert np.mean(values) == pytest.approx(want[key]), key
+
+
+def test_readme_rows_are_laions_readme_computation(data):
+    """LAION's README ESC-50 example, in PyTorch (argsort of audio·textᵀ, the rank of the truth, its summary) on
+    random embeddings of the fold-1 clips gives the readme_fold1/ figures."""
+    import torch
+    _, dirs = data
+    bench = B.read_benchmark("esc50", dirs["esc50"])
+    rng = np.random.default_rng(3)
+    audio = rng.standard_normal((len(bench), 8)).astype(np.float32)
+    audio /= np.linalg.norm(audio, axis=1, keepdims=True)
+    prompt_emb = {}
+
+    def embed(texts):
+        for t in texts:
+            prompt_emb.setdefault(t, rng.standard_normal(8).astype(np.float32))
+        return np.stack([prompt_emb[t] / np.linalg.norm(prompt_emb[t]) for t in texts])
+    metrics, _, _ = R.score_zero_shot(bench, audio, np.arange(len(bench)), embed, 33.3)
+    fold1 = bench.folds == 1
+    text = torch.tensor(embed([B.README_PROMPT.format(c) for c in bench.classes]))
+    ground_truth = torch.tensor(bench.labels[fold1]).view(-1, 1)
+    ranking = torch.argsort(torch.tensor(audio[fold1]) @ text.t(), descending=True)
+    preds = torch.where(ranking == ground_truth)[1].numpy()
+    want = {"mean_rank": preds.mean() + 1, "median_rank": np.floor(np.median(preds)) + 1,
+            "mAP@10": np.mean(np.where(preds < 10, 1 / (preds + 1), 0.0))}
+    want.update({f"R@{k}": np.mean(preds < k) for k in (1, 5, 10)})
+    for key, value in want.items():
+        assert metrics[f"readme_fold1/{key}"] == pytest.approx(value, abs=1e-6), key
