@@ -126,5 +126,7 @@ def run(opts: common.Options) -> dict:
              "laion_clap decodes every file first, in one thread, then runs its model on all of them at once",
              f"files: {', '.join(f'{r / 1000:g} kHz' for r in RATES)} in turn, FLAC and WAV, "
              f"{SECONDS:g} s each (1 s with --tiny); the page cache is warm for both (one untimed call first)",
+             "'decoding, share of laion's time': the loader alone over the files, one after another, ÷ laion_clap's "
+             "whole call; with the tiny tower laion_clap's own front end and per-file feature code still outweigh it",
              "ratios are from one run on a shared machine: compare columns of the same row"]
     return {"rows": rows, "table": table(rows), "notes": notes, "workers": workers}
