@@ -209,3 +209,12 @@ def test_zero_shot_prints_the_readable_files_and_names_the_bad_ones(tmp_path, mo
     assert [line for line in out.splitlines() if not line.startswith(" ")] == files[:2]
     assert f"{bad_files[0]}: cannot decode" in err
     assert cli.main(args + ["--allow-bad-files"]) == 0
+
+
+def test_more_processes_than_files(tmp_path, model_dir, clap, shared_model, files):
+    for index in range(3):   # part 0 of 2 files in 3 parts is empty
+        assert embed(tmp_path, model_dir, *files[:2], extra=["--process-index", str(index), "--process-count", "3"]) == 0
+    assert np.load(tmp_path / "e.part-00000-of-00003.npy").shape == (0, clap.config.joint_embed_shape)
+    assert cli.main(["merge-embeddings", str(tmp_path / "e.npy")]) == 0
+    assert json.loads((tmp_path / "e.paths.json").read_text()) == [os.path.abspath(p) for p in files[:2]]
+    assert len(np.load(tmp_path / "e.npy")) == 2
