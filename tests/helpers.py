@@ -45,3 +45,18 @@ def random_roberta(*, pooler: bool = True, seed: int = 0, **geometry):
     from clapjax.convert.torch_reference import ROBERTA_BASE
     torch.manual_seed(seed)
     return RobertaModel(RobertaConfig(**{**ROBERTA_BASE, **geometry}), add_pooling_layer=pooler)
+
+
+def tiny_clap_model():
+    """A CLAP of a few thousand parameters (HTSAT-tiny + RoBERTa shapes, 1 s clips, 32 mel rows) for evaluation tests."""
+    from flax import nnx
+    from clapjax.model import CLAPConfig, CLAPModel
+    cfg = CLAPConfig.from_laion(
+        "HTSAT-tiny", "roberta", joint_embed_shape=16,
+        audio_overrides=dict(embed_dim=8, spec_size=64, depths=(1, 1), num_heads=(1, 1), window_size=8,
+                             num_classes=10, frontend=dict(sample_rate=48000, window_size=1024, hop_size=480,
+                                                           mel_bins=32, fmin=50.0, fmax=14000.0,
+                                                           clip_samples=48000)),
+        text_overrides=dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=80))
+    return CLAPModel(cfg, nnx.Rngs(0))

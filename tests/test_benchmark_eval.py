@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import benchmark_standins as S
+from helpers import tiny_clap_model
 from clapjax.train import benchmark_run as R
 from clapjax.train import benchmark_sets as B
 from clapjax.train import evaluate as E
-from test_metrics import _tiny_model
 
 BENCHES = ("esc50", "urbansound8k", "gtzan", "clotho", "audiocaps")
 
@@ -29,7 +29,7 @@ def data(tmp_path_factory):
             "gtzan": S.write_gtzan(str(root / "Data"), corrupt="jazz"),
             "clotho": S.write_clotho(str(root / "clotho")),
             "audiocaps": S.write_audiocaps(str(root / "audiocaps"), missing=2)}
-    saved_model.save(str(root / "model"), _tiny_model())
+    saved_model.save(str(root / "model"), tiny_clap_model())
     synthetic.train_tokenizer(root / "tok", n=300, vocab_size=300)
     return root, dirs
 

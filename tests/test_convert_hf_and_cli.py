@@ -134,7 +134,7 @@ def test_embed_zero_shot_and_retrieve_commands(hf_unfused, tok_dir, audio_files,
 
 
 @pytest.mark.parametrize("command", ["convert", "download", "export", "embed-audio", "embed-text", "zero-shot",
-                                     "retrieve", "train", "eval"])
+                                     "retrieve", "train", "eval", "merge-embeddings", "prepare"])
 def test_every_command_has_help(command):
     proc = run_cli(command, "--help")
     assert "usage: clapjax " + command in proc.stdout

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clapjax.train import metrics as M
 from clapjax.train import torch_argsort
 import reference
+from helpers import tiny_clap_model
 
 _HEAP_SORT = torch_argsort._heap_sort
 
@@ -341,26 +342,12 @@ def test_chance_levels():
 
 # --- the evaluator on a tiny CLAP --------------------------------------------------------------------
 
-def _tiny_model():
-    from flax import nnx
-    from clapjax.model import CLAPConfig, CLAPModel
-    cfg = CLAPConfig.from_laion(
-        "HTSAT-tiny", "roberta", joint_embed_shape=16,
-        audio_overrides=dict(embed_dim=8, spec_size=64, depths=(1, 1), num_heads=(1, 1), window_size=8,
-                             num_classes=10, frontend=dict(sample_rate=48000, window_size=1024, hop_size=480,
-                                                           mel_bins=32, fmin=50.0, fmax=14000.0,
-                                                           clip_samples=48000)),
-        text_overrides=dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=80))
-    return CLAPModel(cfg, nnx.Rngs(0))
-
-
 def test_evaluator_on_synthetic_heldout(tmp_path):
     from clapjax import synthetic as S
     from clapjax.audio import io as audio_io
     from clapjax.train import evaluate as E
     from clapjax.train import sharding
-    model = _tiny_model()
+    model = tiny_clap_model()
     tok = S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
     ds = S.synthetic_dataset(0, 20, "heldout", clip_samples=48000)
     es = E.EvalSet.from_synthetic(ds)
@@ -425,7 +412,7 @@ def test_eval_command_on_a_manifest(tmp_path, capsys):
     from clapjax import synthetic as S
     from clapjax import saved_model
     from clapjax.train import evaluate as E
-    model = _tiny_model()
+    model = tiny_clap_model()
     saved_model.save(str(tmp_path / "ckpt"), model)
     S.train_tokenizer(tmp_path / "tok", n=300, vocab_size=300)
     ds = S.synthetic_dataset(1, 6, "heldout", clip_samples=48000)

@@ -9,7 +9,7 @@ Clips are prepared as in training (int16 round trip, crop/fill, fusion mel) with
 seed, so an evaluation is deterministic. Embeddings are computed in fixed-size global batches (the
 tail padded, so one compile serves all); with a mesh each process feeds its rows of every batch and
 the embeddings stay global, batch-sharded arrays; the metrics (train/metrics.py) run on them under
-jit and return replicated scalars.
+jit (rows whose ground truth ties are re-ranked on the host, as torch sorts them) and return scalars.
 
 Retrieval uses the Clotho/AudioCaps protocol when every clip has the same K > 1 captions, else LAION's
 `get_metrics` on each clip's first caption. Zero-shot tasks embed each class name through every
