@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import common
+from clapjax.train import throughput
 from benchmarks.reference_models import build, tiny
 
 CLIP_SAMPLES = 480000      # 10 s at 48 kHz: exactly one crop, so `longer` is False (20 s rows: True)
@@ -40,7 +41,7 @@ def model_flops(clap, batch: dict) -> float | None:
     from flax import nnx
     graphdef, state = nnx.split(clap.model)
     fn = jax.jit(lambda s, b: nnx.merge(graphdef, s).get_audio_embedding(b))
-    return common.cost_flops(fn.lower(state, batch))   # HLO cost analysis: no compile needed
+    return throughput.cost_flops(fn.lower(state, batch))   # HLO cost analysis: no compile needed
 
 
 def _reference_times(trio, fused: bool, wave, batch: dict, repeats: int):

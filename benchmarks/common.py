@@ -76,19 +76,6 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def cost_flops(compiled) -> float | None:
-    """FLOPs XLA's cost analysis assigns a lowered or compiled program (None when the backend gives
-    none)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -6,8 +6,8 @@
 Train: the trainer's own step (`clapjax.train.step`, AdamW, donation), HTSAT-tiny + RoBERTa-base,
 10 s clips, `model.dtype=bfloat16` (f32 parameters, optimizer state and loss), data parallel over
 every local device. MFU = XLA's cost-analysis FLOPs of the compiled step (per device: the SPMD
-program) ÷ median step time ÷ the device's dense bf16 peak (PEAK_TFLOPS by `device_kind`, or
-`--peak-tflops`; on CPU the peak is a measured f32 matmul). Inference: the public
+program) ÷ median step time ÷ the device's dense bf16 peak (`clapjax.train.throughput.PEAK_FLOPS` by `device_kind`,
+or `--peak-tflops`; on CPU the peak is a measured f32 matmul). Inference: the public
 `CLAP.get_audio_embedding_from_data` vs laion_clap's `CLAP_Module.get_audio_embedding_from_data`
 on the same GPU, fp32 both, same clips; without torch (or without CUDA for it) the comparison is
 skipped with the reason printed. Nothing here needs the network: weights are random.
@@ -19,21 +19,6 @@ import json
 import os
 import sys
 import time
-
-# dense bf16 peak TFLOP/s per device (vendor data sheets; sparsity excluded). Matched in order as a
-# lower-case substring of jax's device_kind.
-PEAK_TFLOPS = (
-    ("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("gh200", 989.0), ("b200", 2250.0),
-    ("a100", 312.0), ("l40s", 362.0), ("l4", 121.0), ("a10", 125.0),
-    ("tpu v6", 918.0), ("tpu v5p", 459.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5", 459.0),
-    ("tpu v4", 275.0),
-)
-
-
-def device_peak(kind: str) -> float | None:
-    k = kind.lower()
-    return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS if name in k), None)
-
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -124,8 +109,9 @@ def main(argv=None) -> int:
     from benchmarks import common
     dev = jax.devices()[0]
     kind = dev.device_kind
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak(kind)
-    peak_source = "--peak-tflops" if args.peak_tflops else "PEAK_TFLOPS table"
+    from clapjax.train.throughput import table_peak
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else table_peak(kind, "bfloat16")
+    peak_source = "--peak-tflops" if args.peak_tflops else "clapjax.train.throughput.PEAK_FLOPS"
     if peak is None:
         from benchmarks.achieved_flops import matmul_peak
         peak = matmul_peak(512 if args.smoke else 2048, 3)["gflops"] * 1e9

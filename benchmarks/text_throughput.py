@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import common
+from clapjax.train import throughput
 from benchmarks.reference_models import build, tiny
 
 LENGTH, PAD, BOS, EOS = 77, 1, 0, 2
@@ -35,7 +36,7 @@ def model_flops(clap, batch: dict) -> float | None:
     from flax import nnx
     graphdef, state = nnx.split(clap.model)
     fn = jax.jit(lambda s, b: nnx.merge(graphdef, s).get_text_embedding(b))
-    return common.cost_flops(fn.lower(state, batch))   # HLO cost analysis: no compile needed
+    return throughput.cost_flops(fn.lower(state, batch))   # HLO cost analysis: no compile needed
 
 
 KINDS = {"full": "77 real tokens", "captions": "captions, 8–20 real tokens padded to 77"}

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from benchmarks import common
+from clapjax.train import throughput
 
 
 def train_config(batch: int, text_layers: int, *, dtype: str = "float32", tiny: bool = False, fsdp: int = 1):
@@ -58,7 +59,7 @@ def clapjax_step(cfg, steps: int, one_device: bool = False) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = common.cost_flops(compiled)
+    flops = throughput.cost_flops(compiled)
     holder = {"state": state}
 
     def one():

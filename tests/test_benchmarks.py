@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import common, gpu, host_cores, run_all
+from benchmarks import common, host_cores, run_all
 
 
 def _positive(x) -> bool:
@@ -78,11 +78,14 @@ def test_host_cores_are_the_demand_over_each_pipelines_per_core_rate(monkeypatch
 
 
 def test_device_peak_table():
-    assert gpu.device_peak("NVIDIA H100 80GB HBM3") == 989e12
-    assert gpu.device_peak("NVIDIA H100 PCIe") == 756e12
-    assert gpu.device_peak("NVIDIA A100-SXM4-80GB") == 312e12
-    assert gpu.device_peak("TPU v5 lite") == 197e12
-    assert gpu.device_peak("cpu") is None
+    from clapjax.train.throughput import table_peak
+    assert table_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert table_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert table_peak("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
+    assert table_peak("NVIDIA A10", "bfloat16") == 125e12 and table_peak("NVIDIA L4", "bfloat16") == 121e12
+    assert table_peak("NVIDIA L40S", "bfloat16") == 362e12
+    assert table_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert table_peak("cpu", "bfloat16") is None
 
 
 def test_profile_train_charges_overlapping_ops_their_exclusive_share():

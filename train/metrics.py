@@ -280,8 +280,9 @@ def chance_levels(num_candidates: int) -> dict[str, float]:
 
 class MetricsLog:
     """metrics.jsonl and TensorBoard scalars (`tb/`) of process 0 (other processes write nothing).
-    Wall-clock figures (step time, samples/s) go to TensorBoard only, so metrics.jsonl stays a pure
-    function of the run (resumes are compared with it bit for bit)."""
+    Wall-clock figures (step time, samples/s) go to TensorBoard; the loop's interval figures
+    (clapjax.train.throughput) also sit in a record's `perf` object, apart from the run's own figures,
+    which stay a pure function of the run (resumes compare those bit for bit)."""
 
     def __init__(self, path: str, resume_step: int, enabled: bool, batch_size: int = 0):
         self.path, self.enabled, self.batch_size = path, enabled, batch_size

@@ -36,7 +36,11 @@ PEAK_FLOPS: tuple[tuple[str, Mapping[str, float] | None], ...] = (
     ("gh200", {"bfloat16": 989.4e12, "float32": 494.7e12}),             # the H100 SXM's compute
     ("h200 nvl", None),
     ("h200", {"bfloat16": 989.4e12, "float32": 494.7e12}),              # SXM: the H100 SXM's compute
+    ("b200", {"bfloat16": 2250e12, "float32": 1125e12}),                # HGX B200, per GPU
     ("a100", {"bfloat16": 312e12, "float32": 156e12}),                  # SXM4 and PCIe alike
+    ("a10", {"bfloat16": 125e12, "float32": 62.5e12}),                  # after "a100", which it is a prefix of
+    ("l40s", {"bfloat16": 362e12, "float32": 183e12}),
+    ("l4", {"bfloat16": 121e12, "float32": 60e12}),                     # after "l40s", which it is a prefix of
     ("tpu v4 lite", None),
     ("tpu v4", {"bfloat16": 275e12, "float32": 275e12}),
     ("tpu v5 lite", {"bfloat16": 197e12, "float32": 197e12}),           # v5e
@@ -73,10 +77,13 @@ def peak_flops(configured: float, device_kind: str, dtype: str) -> tuple[float |
     return peak, f"{device_kind}, {dtype} (throughput.PEAK_FLOPS)"
 
 
-def cost_flops(compiled) -> float | None:
-    """FLOPs XLA's cost analysis gives a compiled program; None when the backend has no count.
+def cost_flops(program) -> float | None:
+    """FLOPs XLA's cost analysis gives a lowered or compiled program; None when the backend has no count.
     jax returns a dict, or on some versions and backends a list of one dict per program."""
-    cost = compiled.cost_analysis()
+    try:
+        cost = program.cost_analysis()
+    except (NotImplementedError, RuntimeError):   # a backend without cost analysis
+        return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
