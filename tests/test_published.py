@@ -25,6 +25,7 @@ def test_every_figure_is_sourced_and_sane():
         assert fig.source.startswith("LAION-AI/CLAP README.md (commit 1fd4c37)"), where
         assert len(fig.protocol) > 30 and 0 < fig.rounding <= 0.005, where
         assert (0 <= fig.value <= 1) if key in RATES else fig.value >= 1, where
+        assert fig.fold == (1 if "fold 1" in fig.protocol else None), where   # which row it stands beside
 
 
 def test_every_model_is_a_name_hub_knows():

@@ -175,7 +175,7 @@ def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: d
             break
     out = {}
     for key, fig in found.items():
-        readme = bench.readme is not None and f"fold {bench.readme.fold}" in fig.protocol
+        readme = bench.readme is not None and fig.fold == bench.readme.fold
         name = f"readme_fold{bench.readme.fold}/{key}" if readme else key
         if name in metrics:
             out[name] = fig.value
