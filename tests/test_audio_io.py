@@ -129,6 +129,15 @@ def test_quantize_int16_is_bit_identical_to_laion(laion_data):
     assert io.quantize_int16(np.float32([-0.5 / 32767]))[0] == 0.0  # truncation toward zero
 
 
+def test_int16_conversions_are_laions_on_every_int16(laion_data):
+    every = np.arange(-32768, 32768).astype(np.int16)
+    want = laion_data.int16_to_float32(every)
+    np.testing.assert_array_equal(io.dequantize_int16(every), want)    # a float32 division = LAION's float64 one
+    np.testing.assert_array_equal(io.int16_of_quantized(want), every)  # and back, exactly
+    with pytest.raises(ValueError, match="not an int16 round trip"):
+        io.int16_of_quantized(np.float32([0.1]))
+
+
 def _laion_features(data, x, truncating, filling, seed):
     import torch
     np.random.seed(seed)

@@ -50,6 +50,7 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want):
         assert set(g) == set(w)
         for k in w:
+            assert g[k].dtype == w[k].dtype, k     # workers hand waveforms over as int16: float32 again here
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
 
 

@@ -13,7 +13,8 @@ import soundfile as sf
 from clapjax.audio import io as audio_io
 from clapjax.train import data as D
 from clapjax.train import prepare as P
-from clapjax.train.array_records import META_FILE, ArrayRecordShards, int16_of_quantized, pcm_to_float
+from clapjax.audio.io import int16_of_quantized
+from clapjax.train.array_records import META_FILE, ArrayRecordShards, pcm_to_float
 from clapjax.train.data_sources import Manifest, TarShards, decode
 
 from test_data import FE, SR, tok, write_shards  # noqa: F401  (tok: the module's tokenizer fixture)

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clapjax.audio import io as audio_io
 from clapjax.train.data_sources import Raw, Source, expand_paths
 
 FORMAT = "clapjax-predecoded/1"
@@ -39,7 +40,6 @@ SHARD_EXT = ".array_record"
 # this format exists to save.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 PCM_DTYPES = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
-INT16_SCALE = 32767.0          # LAION's scale (audio_io.quantize_int16)
 GROUPINGS = ("shard", "row")   # 'shard': each file is a group, as TarShards; 'row': rows round robin, as Manifest
 # The reader's buffer must hold a whole record: with Grain's ArrayRecordDataSource (32 KiB buffer) a 10 s clip
 # took ~5 ms to read here, with a buffer larger than the record ~0.4 ms. It is not kept allocated between reads.
@@ -75,20 +75,8 @@ def decode_record(data: bytes, dtype: np.dtype) -> tuple[dict, np.ndarray | None
 def pcm_to_float(pcm: np.ndarray) -> np.ndarray:
     """Stored samples → float32 as the pipeline uses them (int16: exactly `audio_io.quantize_int16`'s result)."""
     if pcm.dtype == PCM_DTYPES["int16"]:
-        # quantize_int16 divides in float64 and rounds to float32; one correctly rounded float32 division
-        # gives the same value for every int16 (all 65536 checked, tests/test_prepare.py), 10 x faster
-        x = pcm.astype(np.float32)
-        x /= np.float32(INT16_SCALE)
-        return x
+        return audio_io.dequantize_int16(pcm)
     return pcm.astype(np.float32)   # a copy: the record's bytes are read-only
-
-
-def int16_of_quantized(q: np.ndarray) -> np.ndarray:
-    """The integers behind `audio_io.quantize_int16`'s output, checked to read back to `q` exactly."""
-    pcm = np.rint(q.astype(np.float64) * INT16_SCALE).astype(PCM_DTYPES["int16"])
-    if not np.array_equal(pcm_to_float(pcm), q):
-        raise ValueError("samples are not an int16 round trip's output; cannot store them as int16")
-    return pcm
 
 
 def read_buffer_size(max_record_bytes: int) -> int:

@@ -189,6 +189,9 @@ class Prepare(grain.transforms.Map):
         if self.quantized and not cfg.quantize:
             raise ValueError(f"the {source.name} source holds LAION's int16 round trip of its audio; train it with "
                              f"data.quantize=True, or prepare the shards with --pcm float32")
+        # a worker hands the training process int16 waveforms: half the bytes to pickle, and exactly the
+        # round trip's float32 again on arrival (`_Collate`)
+        self.int16_waveforms = int16_handover(cfg)
 
     def map(self, element):
         epoch, pos, record = element
@@ -207,6 +210,8 @@ class Prepare(grain.transforms.Map):
         except Exception as err:  # any failure of one record is that record's defect
             return Bad(key, bad_reason(err), epoch, pos)
         out = {k: feats[k] for k in audio_io.audio_input_keys(self.cfg.fused)}
+        if self.int16_waveforms:
+            out["waveform"] = audio_io.int16_of_quantized(out["waveform"], check=False)
         return {**out, "longer": feats["longer"], "index": record, "text": text, "key": key, "_end": (epoch, pos)}
 
 
@@ -326,11 +331,20 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 # --- batches ---------------------------------------------------------------------------------------
 
+def int16_handover(cfg: DataConfig) -> bool:
+    """Whether prepared waveforms cross from the workers as int16: with workers, LAION's int16 round trip
+    (every sample is k/32767) and no fusion (a fused sample's mel is float)."""
+    return bool(cfg.num_workers) and cfg.quantize and not cfg.fused
+
+
 class _Collate:
-    def __init__(self, tokenizer, with_keys: bool, fused: bool):
-        self.tokenizer, self.with_keys, self.fused = tokenizer, with_keys, fused
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.tokenizer, self.with_keys, self.fused = tokenizer, cfg.with_keys, cfg.fused
+        self.int16_waveforms = int16_handover(cfg)
 
     def __call__(self, items: list[dict]) -> dict[str, np.ndarray]:
+        if self.int16_waveforms:
+            items = [{**it, "waveform": audio_io.dequantize_int16(it["waveform"])} for it in items]
         out = audio_io.stack_audio_input(items, self.fused)
         out["longer"] = np.array([it["longer"] for it in items], dtype=bool)  # every batch has the flags, fused or not
         out.update(self.tokenizer([it["text"] for it in items]))
@@ -357,7 +371,7 @@ class DataIterator:
                                    cfg.prefetch_samples or 2 * self.local_batch_size)
         ds = _SkipBad(stream, cfg, positions.per_epoch)
         self._it = ds.batch(self.local_batch_size, drop_remainder=cfg.drop_remainder,
-                            batch_fn=_Collate(tokenizer, cfg.with_keys, cfg.fused)).__iter__()
+                            batch_fn=_Collate(tokenizer, cfg)).__iter__()
         self._fingerprint = {"version": STATE_VERSION, **source.fingerprint(), "seed": cfg.seed,
                              "global_batch_size": cfg.global_batch_size, "process_index": process_index,
                              "process_count": process_count, "shuffle": cfg.shuffle, "window": cfg.window_size,

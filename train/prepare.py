@@ -98,7 +98,7 @@ def prepared_record(raw: Raw, sample_rate: int, pcm: str) -> tuple[bytes, bool]:
     except Exception as err:  # as in Prepare: any failure of one record is that record's defect
         return AR.encode_record(raw.key, bad=bad_reason(err)), True
     if pcm == "int16":
-        samples = AR.int16_of_quantized(x)
+        samples = audio_io.int16_of_quantized(x)
     elif x.dtype == np.float32:
         samples = x
     else:   # decode gives float32 today; anything else could not be stored exactly
