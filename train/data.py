@@ -41,10 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import sys
-import threading
-import time
 from typing import Any, Callable, Literal, Mapping
 
 import grain
@@ -54,11 +51,11 @@ from clapjax.audio import io as audio_io
 from clapjax.audio.frontend import FrontEndConfig
 from clapjax.train.data_sources import (Manifest, Source, SyntheticSource, TarShards, bad_reason, captions,
                                         decode)
+from clapjax.train.data_workers import int16_handover, prepared_stream
 
 log = logging.getLogger("clapjax.train.data")
 STATE_VERSION = 1
 MAX_LOGGED_BAD = 100
-NO_SHM = 1 << 62        # Grain's min_shm_size that no array reaches
 
 
 class TooManyBadSamples(RuntimeError):
@@ -215,45 +212,6 @@ class Prepare(grain.transforms.Map):
         return {**out, "longer": feats["longer"], "index": record, "text": text, "key": key, "_end": (epoch, pos)}
 
 
-# --- the prepared-sample stream: in this process or in worker processes -------------------------------
-
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """Start-up of each worker: exit once the training process is gone. Grain's workers are daemonic,
-    which ends them when the training process exits normally; a SIGKILLed one leaves them waiting
-    forever on a queue nobody reads, holding memory and open shards."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-    threading.Thread(target=watch, name=f"exit-with-parent-{worker_index}", daemon=True).start()
-
-
-def prepared_stream(positions: _Positions, prepare: Prepare, cfg: DataConfig, buffer: int,
-                    start: int) -> grain.DatasetIterator:
-    """Prepared samples (or `Bad`) from stream position `start` on, in stream order. Workers: Grain's
-    `mp_prefetch` gives worker w the positions start+w, start+w+W, … and reads the workers round robin,
-    which is the stream order again."""
-    per_process = -(-buffer // cfg.num_workers) if cfg.num_workers else buffer
-    ds = positions[start:].map(prepare).to_iter_dataset(grain.ReadOptions(
-        num_threads=cfg.num_threads, prefetch_buffer_size=per_process if cfg.num_threads else 0))
-    if cfg.num_workers:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            # Grain 0.2.18 reads an absl flag when it starts a worker, which fails unless flags were parsed
-            # (google/grain#1355, fixed after this release); the defaults are what we want
-            flags.FLAGS.mark_as_parsed()
-        # samples travel pickled through the workers' queues, not in Grain's per-array shared memory: a block
-        # per sample costs a shm_open/mmap/unlink and resource-tracker messages on both sides, measured at twice
-        # the CPU per 10 s clip of decoding it (benchmarks/input_pipeline.py: 13.4 → 7.2 ms a clip in the worker)
-        ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(min_shm_size=NO_SHM))
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                         per_worker_buffer_size=per_process),
-                            worker_init_fn=_exit_with_parent)
-    return ds.__iter__()
-
-
 # --- bad-sample accounting ------------------------------------------------------------------------
 
 class _SkipBad(grain.IterDataset):
@@ -330,12 +288,6 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 # --- batches ---------------------------------------------------------------------------------------
-
-def int16_handover(cfg: DataConfig) -> bool:
-    """Whether prepared waveforms cross from the workers as int16: with workers, LAION's int16 round trip
-    (every sample is k/32767) and no fusion (a fused sample's mel is float)."""
-    return bool(cfg.num_workers) and cfg.quantize and not cfg.fused
-
 
 class _Collate:
     def __init__(self, tokenizer, cfg: DataConfig):
