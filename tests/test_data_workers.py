@@ -144,5 +144,8 @@ def test_config_and_sources_for_workers(tmp_path):
             return Raw("k", np.zeros(10, np.float32), sample_rate=48000, texts=["x"])
     with pytest.raises(ValueError, match="data.quantize=True"):
         D.Prepare(Quantized(), FE, D.DataConfig(global_batch_size=1, quantize=False))
+    Quantized.sample_rate = 44100                # prepared for another front end: not resampled again
+    with pytest.raises(ValueError, match="prepared at 44100 Hz and the front end takes 48000 Hz"):
+        D.Prepare(Quantized(), FE, D.DataConfig(global_batch_size=1))
     with pytest.raises(ValueError, match="'array_record'"):
         D.source_from_config({"kind": "webdataset"})

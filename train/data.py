@@ -186,6 +186,11 @@ class Prepare(grain.transforms.Map):
         if self.quantized and not cfg.quantize:
             raise ValueError(f"the {source.name} source holds LAION's int16 round trip of its audio; train it with "
                              f"data.quantize=True, or prepare the shards with --pcm float32")
+        # pre-decoded samples resampled a second time would no longer be the tar pipeline's samples
+        prepared_at = getattr(source, "sample_rate", None)
+        if prepared_at is not None and prepared_at != frontend.sample_rate:
+            raise ValueError(f"the {source.name} source was prepared at {prepared_at} Hz and the front end takes "
+                             f"{frontend.sample_rate} Hz; prepare it again with --sample-rate {frontend.sample_rate}")
         # a worker hands the training process int16 waveforms: half the bytes to pickle, and exactly the
         # round trip's float32 again on arrival (`_Collate`)
         self.int16_waveforms = int16_handover(cfg)
