@@ -185,16 +185,23 @@ def test_bad_commands_say_what_is_wrong(data):
 
 
 def test_published_figures_stand_beside_the_rows_of_their_protocol(data):
-    published = pytest.importorskip("clapjax.train.published")
+    from clapjax.train import published
     _, dirs = data
     bench = B.read_benchmark("esc50", dirs["esc50"])
     metrics = {k: 0.5 for k in ("R@1", "fold1/R@1", "readme_fold1/R@1", "readme_fold1/mean_rank")}
     want = published.figures("630k-audioset-best", "esc50")
     got = R.published_figures(["/some/model/dir", "630k-audioset-best"], bench, metrics)
-    assert got == {"readme_fold1/R@1": want["R@1"].value, "readme_fold1/mean_rank": want["mean_rank"].value}
+    assert got == {"readme_fold1/R@1": want["R@1"], "readme_fold1/mean_rank": want["mean_rank"]}
     music = R.published_figures(["music_audioset_epoch_15_esc_90.14"], bench, metrics)
-    assert music == {"R@1": published.figures("music_audioset_epoch_15_esc_90.14", "esc50")["R@1"].value}
+    assert music == {"R@1": published.figures("music_audioset_epoch_15_esc_90.14", "esc50")["R@1"]}
     assert R.published_figures(["/some/model/dir"], bench, metrics) == {}
+    # the table names each published figure's protocol: GTZAN's music figures used another prompt than ours
+    gtzan = R.published_figures(["music_audioset_epoch_15_esc_90.14"], B.read_benchmark("gtzan", dirs["gtzan"]),
+                                {"R@1": 0.5})
+    row = R.BenchmarkResult("gtzan", "/d", 10, 10, [], {}, {"": B.SONG_PROMPT}, {"R@1": 0.5}, {"R@1": 0.1},
+                            {"R@1": gtzan["R@1"].value}, [f"{gtzan['R@1'].protocol} ({gtzan['R@1'].source})"])
+    assert "published: GTZAN zero-shot top-1 accuracy over the 10 genres, prompt 'This audio is a <genre> song.'" \
+        in R.format_benchmark(row)
 
 
 def test_audio_to_text_chance_is_a_random_rankings_expected_score():

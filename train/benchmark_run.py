@@ -25,6 +25,7 @@ import numpy as np
 from clapjax.train import benchmark_sets as B
 from clapjax.train import eval_cache
 from clapjax.train import metrics as M
+from clapjax.train import published
 
 ZERO_SHOT_KEYS = ("R@1", "R@5", "R@10", f"mAP@{M.MAP_CUTOFF}", "mean_rank", "median_rank")
 
@@ -41,6 +42,7 @@ class BenchmarkResult:
     metrics: dict[str, float]      # metric name (as printed) → value
     chance: dict[str, float]       # metric name → what a uniformly random ranking scores
     published: dict[str, float]    # metric name → LAION's published figure for this model, where it has one
+    published_from: list[str] = dataclasses.field(default_factory=list)  # those figures' protocols and sources
     cached: bool = False           # the audio embeddings came from the cache
 
     def to_json(self) -> dict:
@@ -157,14 +159,10 @@ def score_retrieval(bench: B.Benchmark, audio, kept, embed_texts, logit_scale):
     return metrics, {key: v for key, v in chance.items() if key in metrics}, {}
 
 
-def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: dict) -> dict[str, float]:
+def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: dict) -> dict[str, published.Figure]:
     """Metric name → LAION's figure, from train/published.py for the first of `model_names` it knows.
     A fold-1 figure (LAION's README protocol) stands beside `readme_fold1/`, any other zero-shot one beside
     the all-clips row."""
-    try:
-        from clapjax.train import published
-    except ImportError:   # the table of figures is optional: blank column
-        return {}
     found = {}
     for name in model_names:
         try:
@@ -178,7 +176,7 @@ def published_figures(model_names: Sequence[str], bench: B.Benchmark, metrics: d
         readme = bench.readme is not None and fig.fold == bench.readme.fold
         name = f"readme_fold{bench.readme.fold}/{key}" if readme else key
         if name in metrics:
-            out[name] = fig.value
+            out[name] = fig
     return out
 
 
@@ -241,9 +239,12 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
             metrics, chance, used = score_zero_shot(bench, audio, kept, embed_texts, scale, prompt)
         else:
             metrics, chance, used = score_retrieval(bench, audio, kept, embed_texts, scale)
+        figures = published_figures(known_as, bench, metrics)
+        # a figure's protocol may differ from ours (GTZAN's music releases: another prompt): the table says which
+        sources = sorted({f"{f.protocol} ({f.source})" for f in figures.values()})
         results.append(BenchmarkResult(bench.name, bench.root, bench.listed, len(kept), list(bench.missing),
-                                       unreadable, used, metrics, chance,
-                                       published_figures(known_as, bench, metrics), cached))
+                                       unreadable, used, metrics, chance, {k: f.value for k, f in figures.items()},
+                                       sources, cached))
     return results
 
 
@@ -273,6 +274,7 @@ def format_benchmark(r: BenchmarkResult, max_names: int = 10) -> str:
         chance = r.chance.get(name)
         lines.append(f"  {name:<30}{value:>10.4f}{'' if chance is None else f'{chance:.4f}':>10}"
                      f"{'' if pub is None else f'{pub:.4f}':>11}")
+    lines += [f"  published: {where}" for where in r.published_from]
     return "\n".join(lines)
 
 
