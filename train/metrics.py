@@ -67,12 +67,13 @@ def ranks(logit_rows: jax.Array, target_cols: jax.Array) -> jax.Array:
 
 @jax.jit
 def _stable_ranks_and_ties(logit_rows: jax.Array, targets: jax.Array):
-    """Stable ranks of (R, K) targets, how many rows have a target whose logit another entry shares,
-    and how many logits are NaN."""
+    """Stable ranks of (R, K) targets, the (R,) rows that have a target whose logit another entry shares,
+    how many such rows there are, and how many logits are NaN."""
     pos = jnp.stack([ranks(logit_rows, targets[:, d]) for d in range(targets.shape[1])], axis=1)
     gt = jnp.take_along_axis(logit_rows, targets, axis=1)                          # (R, K)
     shared = jnp.stack([(logit_rows == gt[:, d:d + 1]).sum(axis=1) > 1 for d in range(targets.shape[1])], 1)
-    return pos, shared.any(axis=1).sum(), jnp.isnan(logit_rows).sum()
+    tied = shared.any(axis=1)
+    return pos, tied, tied.sum(), jnp.isnan(logit_rows).sum()
 
 
 def _on_host(x) -> np.ndarray:
@@ -89,16 +90,12 @@ def laion_ranks(logit_rows: jax.Array, targets: jax.Array) -> jax.Array:
     if targets.ndim not in (1, 2) or targets.shape[0] != logit_rows.shape[0]:
         raise ValueError(f"targets must be (R,) or (R, K) for {logit_rows.shape[0]} rows, got {targets.shape}")
     many = targets.reshape(targets.shape[0], -1).astype(jnp.int32)
-    pos, tied_rows, nans = _stable_ranks_and_ties(logit_rows, many)
+    pos, tied_rows, tied_count, nans = _stable_ranks_and_ties(logit_rows, many)
     if int(nans):
         raise ValueError(f"{int(nans)} logits are NaN: the embeddings hold NaN (a diverged or broken model)")
-    if int(tied_rows):
+    if int(tied_count):
         rows, pos, many = _on_host(logit_rows), _on_host(pos).copy(), _on_host(many)
-        gt = np.take_along_axis(rows, many, axis=1)
-        tied = np.zeros(rows.shape[0], bool)
-        for d in range(many.shape[1]):
-            tied |= (rows == gt[:, d:d + 1]).sum(axis=1) > 1
-        for r in np.flatnonzero(tied):
+        for r in np.flatnonzero(_on_host(tied_rows)):
             position = np.empty(rows.shape[1], np.int32)
             position[torch_argsort.descending_order(rows[r])] = np.arange(rows.shape[1], dtype=np.int32)
             pos[r] = position[many[r]]
