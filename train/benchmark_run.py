@@ -60,21 +60,22 @@ def benchmark_eval_set(bench: B.Benchmark, sample_rate: int):
                    keys=[os.path.relpath(f, bench.root) for f in bench.files])
 
 
-def embed_benchmark(bench: B.Benchmark, evaluator, model, model_id: str, *, cache_dir: str | None = None,
-                    use_cache: bool = True):
+def embed_benchmark(bench: B.Benchmark, evaluator, model, model_id: str | None, *, cache_dir: str | None = None):
     """(embeddings (n, D) of the clips that decoded, their indices into bench.files, {index: reason}, cached?).
-    `evaluator`: an Evaluator of `benchmark_eval_set(bench, …)` (its batching, mesh, workers, seed, progress)."""
-    files = eval_cache.file_list_identity(bench.root, bench.files)
-    key = eval_cache.entry_key(model_id, bench.name, bench.root, files, evaluator.seed, evaluator.crop_mode)
-    path = eval_cache.entry_path(key, cache_dir)
-    if use_cache:
+    `evaluator`: an Evaluator of `benchmark_eval_set(bench, …)` (its batching, mesh, workers, seed, progress).
+    `model_id`: the model's `eval_cache.model_identity`, or None to use no cache (nothing read or written)."""
+    path = None
+    if model_id is not None:
+        files = eval_cache.file_list_identity(bench.root, bench.files)
+        key = eval_cache.entry_key(model_id, bench.name, bench.root, files, evaluator.seed, evaluator.crop_mode)
+        path = eval_cache.entry_path(key, cache_dir)
         hit = eval_cache.load(path)
         if hit is not None:
             return (*hit, True)
     audio, failures = evaluator.embed_audio(model)
     kept = np.asarray([i for i in range(len(bench)) if i not in failures], np.int64)
     embeddings = np.asarray(audio)[kept]
-    if use_cache:
+    if path is not None:
         eval_cache.save(path, embeddings, kept, failures)
     return embeddings, kept, failures, False
 
@@ -212,7 +213,9 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
         raise pretrained.NoOwnTokenizer(model_name)
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())   # batches over the local devices
     model = saved_model.restore(found.model_dir, sharding=sharding.replicated(mesh))
-    model_id = eval_cache.model_identity(found.model_dir)
+    # hashing every file of the model is only needed to key the cache
+    model_id = eval_cache.model_identity(found.model_dir) if use_cache else None
+    scale = float(np.asarray(Evaluator.logit_scale(model)))
     provenance = saved_model.read_provenance(found.model_dir) or {}
     known_as = [model_name] + ([provenance["name"]] if provenance.get("name") else [])
     results = []
@@ -222,15 +225,13 @@ def run_benchmarks(model_name: str, specs: Sequence[tuple[str, str]], *, tokeniz
                               batch_size=batch_size, mesh=mesh, seed=seed, workers=workers,
                               progress=bar.update if bar else None)
         try:
-            audio, kept, failures, cached = embed_benchmark(bench, evaluator, model, model_id, cache_dir=cache_dir,
-                                                            use_cache=use_cache)
+            audio, kept, failures, cached = embed_benchmark(bench, evaluator, model, model_id, cache_dir=cache_dir)
         finally:
             if bar:
                 bar.close()
         unreadable = {os.path.relpath(bench.files[i], bench.root): why for i, why in sorted(failures.items())}
         if len(kept) == 0:
             raise ValueError(f"{bench.name}: no clip could be read; first: {next(iter(unreadable.items()))}")
-        scale = float(np.asarray(Evaluator.logit_scale(model)))
 
         def embed_texts(texts, evaluator=evaluator):
             return evaluator.embed_texts(model, texts)
