@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from clapjax.audio import io as audio_io
-from clapjax.train.data_sources import Raw, Source, expand_paths
+from clapjax.train.data_sources import Raw, Source, expand_paths, locate, process_shards, row_groups
 
 FORMAT = "clapjax-predecoded/1"
 META_FILE = "prepared.json"
@@ -196,23 +196,14 @@ class ArrayRecordShards(Source):
     def groups(self, process_index: int, process_count: int) -> list[np.ndarray]:
         if self.grouping == "row":
             self._check(range(len(self.paths)))
-            rows = np.arange(process_index, self.num_records, process_count, dtype=np.int64)
-            if len(rows) == 0:
-                raise ValueError(f"{self.name}: {self.num_records} records cannot feed process {process_index} "
-                                 f"of {process_count}")
-            return [rows]
-        mine = list(range(process_index, len(self.paths), process_count))
-        if not mine:
-            raise ValueError(f"{len(self.paths)} shards cannot feed process {process_index} of {process_count}: "
-                             f"every process needs at least one shard")
+            return row_groups(self, process_index, process_count)
+        mine = process_shards(len(self.paths), process_index, process_count, "shards")
         self._check(mine)
         return [np.arange(self.offsets[i], self.offsets[i + 1], dtype=np.int64) for i in mine]
 
     def _record(self, record: int) -> tuple[dict, np.ndarray | None]:
-        if not 0 <= record < self.num_records:
-            raise IndexError(f"record {record} out of range for {self.num_records} records")
-        shard = int(np.searchsorted(self.offsets, record, side="right")) - 1
-        return decode_record(self._reader(shard).read([record - int(self.offsets[shard])])[0], self.dtype)
+        shard, pos = locate(self.offsets, record)
+        return decode_record(self._reader(shard).read([pos])[0], self.dtype)
 
     def key(self, record: int) -> str:
         return self._record(record)[0]["key"]

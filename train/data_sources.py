@@ -118,15 +118,38 @@ class Source:
         return {"source": self.name, "num_records": int(self.num_records)}
 
 
+def row_groups(source: Source, process_index: int, process_count: int) -> list[np.ndarray]:
+    """A row source's groups: its records split round-robin over processes (one group each: shuffling
+    happens in the pipeline)."""
+    rows = np.arange(process_index, source.num_records, process_count, dtype=np.int64)
+    if len(rows) == 0:
+        raise ValueError(f"{source.name}: {source.num_records} records cannot feed process {process_index} "
+                         f"of {process_count}")
+    return [rows]
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int, what: str) -> list[int]:
+    """The shards process p of P reads: p, p+P, … (every process needs at least one)."""
+    mine = list(range(process_index, num_shards, process_count))
+    if not mine:
+        raise ValueError(f"{num_shards} {what} cannot feed process {process_index} of {process_count}: "
+                         f"every process needs at least one shard")
+    return mine
+
+
+def locate(offsets: np.ndarray, record: int) -> tuple[int, int]:
+    """(shard, position in it) of a record id, from the shards' cumulative record offsets (0 first)."""
+    shard = int(np.searchsorted(offsets, record, side="right")) - 1
+    if not (0 <= shard < len(offsets) - 1 and record >= 0):
+        raise IndexError(f"record {record} out of range for {int(offsets[-1])} records")
+    return shard, int(record - offsets[shard])
+
+
 class _RowSource(Source):
-    """Rows split round-robin over processes (one group each: shuffling happens in the pipeline)."""
+    """Rows split round-robin over processes."""
 
     def groups(self, process_index: int, process_count: int) -> list[np.ndarray]:
-        rows = np.arange(process_index, self.num_records, process_count, dtype=np.int64)
-        if len(rows) == 0:
-            raise ValueError(f"{self.name}: {self.num_records} records cannot feed process {process_index} "
-                             f"of {process_count}")
-        return [rows]
+        return row_groups(self, process_index, process_count)
 
 
 class TarShards(Source):
@@ -175,17 +198,11 @@ class TarShards(Source):
             return self._index[i]
 
     def groups(self, process_index: int, process_count: int) -> list[np.ndarray]:
-        mine = list(range(process_index, len(self.paths), process_count))
-        if not mine:
-            raise ValueError(f"{len(self.paths)} tar shards cannot feed process {process_index} of "
-                             f"{process_count}: every process needs at least one shard")
+        mine = process_shards(len(self.paths), process_index, process_count, "tar shards")
         return [np.arange(self.offsets[i], self.offsets[i] + len(self._shard(i)), dtype=np.int64) for i in mine]
 
     def _locate(self, record: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.offsets, record, side="right")) - 1
-        if not 0 <= shard < len(self.paths):
-            raise IndexError(f"record {record} out of range for {self.num_records} records")
-        return shard, int(record - self.offsets[shard])
+        return locate(self.offsets, record)
 
     def key(self, record: int) -> str:
         shard, pos = self._locate(record)
