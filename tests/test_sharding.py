@@ -217,6 +217,33 @@ def test_shard_batch_and_global_batch_from_local():
         sharding.shard_batch({"n": np.float32(1.0)}, mesh)
 
 
+def test_front_end_fft_stays_batch_sharded():
+    """XLA's partitioners all-gather an FFT's operand (every device transformed the whole batch: 20×
+    the sharded time on 8 CPU devices); the front end's FFT keeps its rows where they are, with the
+    unsharded values, and differentiates like the direct DFT that torchlibrosa convolves with."""
+    from clapjax.audio import frontend as fe
+    cfg = fe.FrontEndConfig(sample_rate=16000, window_size=256, hop_size=128, mel_bins=16, fmin=0.0,
+                            fmax=8000.0, clip_samples=2048)
+    mesh = sharding.make_mesh((2, 4))
+    wav = np.random.default_rng(0).standard_normal((16, 2048)).astype(np.float32)
+    placed = sharding.shard_batch({"waveform": wav}, mesh)["waveform"]
+    fn = jax.jit(lambda x: fe.log_mel(x, cfg))
+    hlo = fn.lower(placed).compile().as_text()
+    assert "all-gather" not in hlo and "fft(" in hlo
+    out = fn(placed)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(lambda x: fe.log_mel(x, cfg))(wav)))
+    real, imag = (jnp.asarray(k[:, 0, :]) for k in fe.stft_kernels(cfg))
+
+    def dft_power(x):   # torchlibrosa's Conv1d STFT, written as a matmul
+        frames = fe.frame_signal(x, cfg)
+        return jnp.square(frames @ real.T) + jnp.square(frames @ imag.T)
+    weight = jnp.asarray(np.random.default_rng(1).uniform(size=(16, 17, 129)), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(weight * fe.stft_power(x, cfg)))(jnp.asarray(wav))
+    want = jax.grad(lambda x: jnp.sum(weight * dft_power(x)))(jnp.asarray(wav))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
 def test_constrain_by_names_spec_or_context():
     mesh = sharding.make_mesh((2, 4))
     x = jnp.ones((16, 4))

@@ -23,6 +23,10 @@ dimension over 'fsdp' (it follows the parameter layout); pin the batch layout of
 returns (embeddings, loss inputs) with `constrain(x, ('batch', None), mesh)`.
 
 Mesh axis types are `Auto` (sharding propagation by XLA), not jax 0.10's default `Explicit`.
+
+One partitioning rule lives outside this module: the audio front end declares its FFT batch-parallel
+(`clapjax.audio.frontend._rfft`, a `custom_partitioning`), because XLA would otherwise all-gather a
+batch-sharded FFT operand onto every device, and the core cannot import the trainer.
 """
 from __future__ import annotations
 
