@@ -6,8 +6,9 @@ wording:
 * kind: a pure tone at a named pitch (C3 … C7), a rising or falling chirp, white/pink/brown noise,
   or a click train at 2/4/8/16 clicks per second;
 * modulation: none, tremolo (AM) or vibrato (FM; tonal kinds only);
-* loudness: quiet / moderately loud / loud (peak level 12 dB apart);
-* duration: a short event (10–25 % of the clip) or a long one (70–100 %);
+* loudness: quiet / moderately loud / loud (peak level 18 dB apart), over a constant background hiss
+  (white noise at NOISE_FLOOR_DBFS under the whole clip);
+* duration: a short event (20–35 % of the clip) or a long one (70–100 %);
 * optionally a quieter second sound of another kind mixed underneath.
 
 What the attributes, captions and zero-shot prompts are called lives in clapjax.synthetic_captions
@@ -37,7 +38,7 @@ from clapjax.synthetic_captions import (  # noqa: F401  (re-exported: the set's 
     CAPTION_ATTRIBUTES, CHIRP_DIRECTIONS, CLICK_RATES, DURATIONS, KIND_CLASSES, LOUDNESS, MODULATIONS,
     NOISE_COLOURS, NOTES, PARTIAL_CAPTION_PROBABILITY, PROMPT_TEMPLATES, ZERO_SHOT_CLASSES, caption,
     partial_caption_names)
-from clapjax.synthetic_render import CHIRP_RANGE_HZ, MIX_LEVEL, note_hz, render  # noqa: F401  (re-exported)
+from clapjax.synthetic_render import CHIRP_RANGE_HZ, MIX_LEVEL, VIBRATO_DEPTH, note_hz, render  # noqa: F401  (re-exported)
 
 SAMPLE_RATE = 48000
 CLIP_SAMPLES = 480000
@@ -45,8 +46,20 @@ SPLITS = {"train": 0, "heldout": 1}
 HELDOUT_FRACTION = 0.2
 _HELDOUT_SEED = 20240611        # fixes which combinations are held out; never the user's seed
 
-LOUDNESS_PEAK_DBFS = {"quiet": -30.0, "moderate": -18.0, "loud": -6.0}
+LOUDNESS_PEAK_DBFS = {"quiet": -42.0, "moderate": -24.0, "loud": -6.0}
+# Every recording has a noise floor, and here it is what makes loudness audible: a log-mel image
+# shifts as a whole with the level (a tone's spectral leakage scales with it), and the towers'
+# LayerNorms are blind to such a shift, so on digital silence a steady quiet tone and a steady loud
+# one looked alike to the model (zero-shot loudness 0.64, chance 0.33). A hiss of fixed level gives
+# every clip a reference; at −72 dBFS it sits 30 dB under the quietest sound.
+NOISE_FLOOR_DBFS = -72.0
 MIX_PROBABILITY = 0.3
+# A modulation must complete cycles inside the event to be heard: in the demo's 1 s clips a short
+# event of 10–25 % at 4–8 Hz held 0.4–2 cycles (about one), and short modulated tones were judged
+# unmodulated. 20–35 % at 8–12 Hz holds 1.6–4.2 (long events 5.6–12); 12 Hz is still 8 frames of
+# the 10 ms hop, so a cycle spans two HTSAT patches.
+SHORT_FRACTION = (0.2, 0.35)
+MOD_RATE_HZ = (8.0, 12.0)
 
 
 def kind_values() -> list[tuple[str, str]]:
@@ -122,7 +135,7 @@ def _draw_spec(rng: np.random.Generator, pool: Sequence[tuple], clip_samples: in
                mix_probability: float) -> ClipSpec:
     kind, value, modulation, loudness = pool[rng.integers(len(pool))]
     duration = DURATIONS[rng.integers(2)]
-    frac = rng.uniform(0.1, 0.25) if duration == "short" else rng.uniform(0.7, 1.0)
+    frac = rng.uniform(*SHORT_FRACTION) if duration == "short" else rng.uniform(0.7, 1.0)
     length = min(clip_samples, max(int(frac * clip_samples), int(0.05 * sr)))
     onset = int(rng.integers(clip_samples - length + 1))
     mix_kind = mix_value = None
@@ -131,7 +144,7 @@ def _draw_spec(rng: np.random.Generator, pool: Sequence[tuple], clip_samples: in
         mix_kind, mix_value = others[rng.integers(len(others))]
     peak = 10.0 ** ((LOUDNESS_PEAK_DBFS[loudness] + rng.uniform(-2.0, 2.0)) / 20.0)
     return ClipSpec(kind, value, modulation, loudness, duration, mix_kind, mix_value, onset, length, peak,
-                    mod_rate_hz=float(rng.uniform(4.0, 8.0)), phase=float(rng.uniform(0, 1)),
+                    mod_rate_hz=float(rng.uniform(*MOD_RATE_HZ)), phase=float(rng.uniform(0, 1)),
                     click_hz=float(rng.uniform(2000.0, 4000.0)))
 
 
@@ -149,6 +162,7 @@ class SyntheticSet:
     specs: tuple[ClipSpec, ...] = dataclasses.field(repr=False)
     captions: tuple[tuple[str, ...], ...] = dataclasses.field(repr=False)
     mix_probability: float = MIX_PROBABILITY
+    noise_floor_dbfs: float | None = NOISE_FLOOR_DBFS
 
     def __len__(self) -> int:
         return self.n
@@ -165,7 +179,8 @@ class SyntheticSet:
         return self.render_into(i, np.empty(self.clip_samples, np.float32))
 
     def render_into(self, i: int, out: np.ndarray) -> np.ndarray:
-        return render(self.specs[i], self._rng(i, 2), self.clip_samples, self.sample_rate, out)
+        floor = 0.0 if self.noise_floor_dbfs is None else 10.0 ** (self.noise_floor_dbfs / 20.0)
+        return render(self.specs[i], self._rng(i, 2), self.clip_samples, self.sample_rate, out, floor)
 
     def waveforms(self, indices: Sequence[int] | None = None, *, threads: int | None = None) -> np.ndarray:
         """(len(indices), clip_samples) float32; NumPy releases the GIL, so threads render in parallel."""
@@ -234,7 +249,8 @@ def _kind_class(s: ClipSpec) -> int:
 def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: int = SAMPLE_RATE,
                       clip_samples: int = CLIP_SAMPLES, captions_per_clip: int = 5,
                       frontend=None, mix_probability: float = MIX_PROBABILITY,
-                      partial_captions: float | None = None) -> SyntheticSet:
+                      partial_captions: float | None = None,
+                      noise_floor_dbfs: float | None = NOISE_FLOOR_DBFS) -> SyntheticSet:
     """`n` clips of `split` ('train' or 'heldout'), deterministic in (seed, split, index).
 
     `frontend` (a FrontEndConfig) overrides `sample_rate` and `clip_samples`, so a shortened clip
@@ -244,6 +260,8 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
     `partial_captions` is the share of captions that name only one or two attributes (None: the
     split's default, PARTIAL_CAPTION_PROBABILITY for 'train'; 'heldout' captions always name every
     attribute, which is what makes its description groups, R@1 ceiling and attribute match exact).
+    `noise_floor_dbfs` is the peak level of the white hiss under every clip (None: digital silence
+    around the sound, for looking at a sound alone).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
@@ -275,8 +293,12 @@ def synthetic_dataset(seed: int, n: int, split: str = "train", *, sample_rate: i
         caps.append(tuple(caption(spec, crng, partial_caption_names(crng, spec) if partial_captions
                                   and crng.random() < partial_captions else None)
                           for _ in range(captions_per_clip)))
+    if noise_floor_dbfs is not None and not -120.0 <= noise_floor_dbfs <= min(LOUDNESS_PEAK_DBFS.values()) - 20:
+        raise ValueError(f"synthetic_dataset: noise_floor_dbfs must be None or in [-120, "
+                         f"{min(LOUDNESS_PEAK_DBFS.values()) - 20:g}] dBFS (20 dB under the quietest sound), "
+                         f"got {noise_floor_dbfs}")
     return SyntheticSet(seed, split, n, sample_rate, clip_samples, captions_per_clip, tuple(specs), tuple(caps),
-                        float(mix_probability))
+                        float(mix_probability), noise_floor_dbfs)
 
 
 def caption_corpus(seed: int = 0, n: int = 4000) -> list[str]:

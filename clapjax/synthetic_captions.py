@@ -49,8 +49,10 @@ PROMPT_TEMPLATES = ("the sound of {}", "{}", "a recording of {}", "you can hear 
 _LOUD_WORDS = {"quiet": ("quiet", "soft", "faint"), "moderate": ("moderately loud", "medium-level", "moderate"),
                "loud": ("loud", "strong", "powerful")}
 _DUR_WORDS = {"short": ("short", "brief"), "long": ("long", "sustained", "continuous")}
-# an unmodulated sound is sometimes said to be so, so that "without modulation" means something
-_MOD_PHRASES = {"none": ("", "", "without modulation", "unmodulated"), "tremolo": ("with tremolo", "pulsing in volume", "with a throbbing level"),
+# a complete caption always names the modulation, its absence too, so that a caption without a
+# modulation phrase is always a partial one (it used to mean "unmodulated" in complete captions and
+# "unsaid" in partial ones)
+_MOD_PHRASES = {"none": ("without modulation", "unmodulated"), "tremolo": ("with tremolo", "pulsing in volume", "with a throbbing level"),
                 "vibrato": ("with vibrato", "wobbling in pitch", "with a warbling pitch")}
 _NUMBER_WORDS = {2: "two", 4: "four", 8: "eight", 16: "sixteen"}
 
@@ -113,9 +115,7 @@ def caption(spec: ClipSpec, rng: np.random.Generator, names: frozenset[str] | No
     names = frozenset((*CAPTION_ATTRIBUTES, "value", "mix")) if full else names
     noun = _noun(rng, spec.kind, spec.value, "value" in names) if "kind" in names else "sound"
     loud, dur = _pick(rng, _LOUD_WORDS[spec.loudness]), _pick(rng, _DUR_WORDS[spec.duration])
-    # a partial caption that names the modulation of an unmodulated sound says so
-    mod = _pick(rng, _MOD_PHRASES[spec.modulation] if full else [m for m in _MOD_PHRASES[spec.modulation] if m])
-    mod = f" {mod}" if mod and "modulation" in names else ""
+    mod = f" {_pick(rng, _MOD_PHRASES[spec.modulation])}" if "modulation" in names else ""
     mix = ""
     if spec.mix_kind is not None and "mix" in names:
         other = _article(_noun(rng, spec.mix_kind, spec.mix_value))

@@ -21,6 +21,9 @@ if TYPE_CHECKING:   # annotations only: clapjax.synthetic imports this module
 _SEMITONE = {"C": -9, "G": -2}  # offset from A in the same octave
 CHIRP_RANGE_HZ = (300.0, 3000.0)
 MIX_LEVEL = 0.35               # peak of the background sound relative to the foreground's
+# ±10 % (1.7 semitones): a tone moves across a whole band of the demo's 32 mel bands (11 % apart
+# above 1 kHz); LAION-like ±3 % moved it a third of a band, a 1–4 dB flutter no model here heard
+VIBRATO_DEPTH = 0.10
 
 
 def note_hz(name: str) -> float:
@@ -125,9 +128,9 @@ def _render_layer(kind: str, value: str, modulation: str, spec: ClipSpec, sr: in
             np.multiply(_ramp(np.float32, n), np.float32(np.log(ratio) / n), out=freq)
             np.exp(freq, out=freq)
             freq *= np.float32(f0)
-        if modulation == "vibrato":     # ±3 % frequency deviation at the modulation rate
+        if modulation == "vibrato":     # ±VIBRATO_DEPTH frequency deviation at the modulation rate
             mod = _steady_sine(spec.mod_rate_hz, 0.0, n, sr, _buf("mod", n, np.float32))
-            mod *= np.float32(0.03)
+            mod *= np.float32(VIBRATO_DEPTH)
             mod += np.float32(1.0)
             freq *= mod
         if kind == "tone" and modulation != "vibrato":
@@ -169,9 +172,10 @@ def _normalise_peak(x: np.ndarray, peak: float) -> None:
 
 
 def render(spec: ClipSpec, rng: np.random.Generator, clip_samples: int, sr: int,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """The clip of `spec`: (clip_samples,) float32, silent outside [onset, onset+length); into `out`
-    when given (a writable float32 row)."""
+           out: np.ndarray | None = None, floor: float = 0.0) -> np.ndarray:
+    """The clip of `spec`: (clip_samples,) float32, into `out` when given (a writable float32 row).
+    Outside [onset, onset+length) it is silent, or white noise of peak `floor` (linear) when `floor`
+    > 0: the same hiss is then added under the whole clip."""
     out = np.empty(clip_samples, np.float32) if out is None else out
     if out.shape != (clip_samples,) or out.dtype != np.float32:
         raise ValueError(f"render: out must be a float32 array of shape ({clip_samples},), got {out.dtype} {out.shape}")
@@ -191,4 +195,18 @@ def render(spec: ClipSpec, rng: np.random.Generator, clip_samples: int, sr: int,
         seg[:ramp] *= r
         seg[n - ramp:] *= r[::-1]
     _normalise_peak(seg, spec.peak)
+    if floor > 0:
+        _add_floor(out, floor, rng, sr)
     return out
+
+
+def _add_floor(out: np.ndarray, floor: float, rng: np.random.Generator, sr: int) -> None:
+    """White noise of peak `floor` added in place, cut from the shared texture bank."""
+    n = len(out)
+    bank = _noise_bank("white", 1 << max(n - 1, 1).bit_length(), sr)
+    row, off = bank[rng.integers(len(bank))], int(rng.integers(bank.shape[1]))
+    hiss = _buf("floor", n, np.float32)
+    m = min(n, len(row) - off)
+    np.multiply(row[off:off + m], np.float32(floor), out=hiss[:m])
+    np.multiply(row[:n - m], np.float32(floor), out=hiss[m:])
+    out += hiss

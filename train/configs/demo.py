@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = 20
     c.optim.grad_clip_norm = 1.0
     c.mesh = dict(data=2, fsdp=4, rules="fsdp")
-    c.train.steps = 150 if quick else 800
+    c.train.steps = 200 if quick else 800
     c.train.batch_size = 64
     c.train.log_every = 10
     c.checkpoint.every = c.train.steps
