@@ -140,10 +140,7 @@ def _render_layer(kind: str, value: str, modulation: str, spec: ClipSpec, sr: in
     elif kind == "noise":
         length = 1 << max(n - 1, 1).bit_length()
         bank = _noise_bank(value, max(length, 1 << max(clip_samples - 1, 1).bit_length()), sr)
-        row, off = bank[rng.integers(len(bank))], int(rng.integers(bank.shape[1]))
-        m = min(n, len(row) - off)
-        dst[:m] = row[off:off + m]
-        dst[m:] = row[:n - m]
+        _cut_texture(bank, rng, dst)
         if rng.random() < 0.5:
             np.negative(dst, out=dst)
     elif kind == "clicks":
@@ -203,10 +200,15 @@ def render(spec: ClipSpec, rng: np.random.Generator, clip_samples: int, sr: int,
 def _add_floor(out: np.ndarray, floor: float, rng: np.random.Generator, sr: int) -> None:
     """White noise of peak `floor` added in place, cut from the shared texture bank."""
     n = len(out)
-    bank = _noise_bank("white", 1 << max(n - 1, 1).bit_length(), sr)
-    row, off = bank[rng.integers(len(bank))], int(rng.integers(bank.shape[1]))
-    hiss = _buf("floor", n, np.float32)
-    m = min(n, len(row) - off)
-    np.multiply(row[off:off + m], np.float32(floor), out=hiss[:m])
-    np.multiply(row[:n - m], np.float32(floor), out=hiss[m:])
+    hiss = _cut_texture(_noise_bank("white", 1 << max(n - 1, 1).bit_length(), sr), rng, _buf("floor", n, np.float32))
+    hiss *= np.float32(floor)
     out += hiss
+
+
+def _cut_texture(bank: np.ndarray, rng: np.random.Generator, dst: np.ndarray) -> np.ndarray:
+    """dst ← a random row of `bank` from a random offset, wrapping round (len(dst) ≤ the row's)."""
+    row, off = bank[rng.integers(len(bank))], int(rng.integers(bank.shape[1]))
+    m = min(len(dst), len(row) - off)
+    dst[:m] = row[off:off + m]
+    dst[m:] = row[:len(dst) - m]
+    return dst
