@@ -95,6 +95,11 @@ def _swept_sine(freq: np.ndarray, phase: float, sr: int, dst: np.ndarray) -> np.
     return _table_sine(ph, dst)
 
 
+def _bank_length(n: int) -> int:
+    """The texture length for cuts of n samples: the power of two ≥ n (≥ 2), a fast FFT size."""
+    return 1 << max(n - 1, 1).bit_length()
+
+
 def _noise_bank(colour: str, length: int, sr: int) -> np.ndarray:
     """(_NOISE_BANK_SIZE, length) peak-normalised noise textures, made once per process."""
     key = (colour, length, sr)
@@ -138,8 +143,7 @@ def _render_layer(kind: str, value: str, modulation: str, spec: ClipSpec, sr: in
         else:
             _swept_sine(freq, spec.phase, sr, dst)
     elif kind == "noise":
-        length = 1 << max(n - 1, 1).bit_length()
-        bank = _noise_bank(value, max(length, 1 << max(clip_samples - 1, 1).bit_length()), sr)
+        bank = _noise_bank(value, max(_bank_length(n), _bank_length(clip_samples)), sr)
         _cut_texture(bank, rng, dst)
         if rng.random() < 0.5:
             np.negative(dst, out=dst)
@@ -200,7 +204,7 @@ def render(spec: ClipSpec, rng: np.random.Generator, clip_samples: int, sr: int,
 def _add_floor(out: np.ndarray, floor: float, rng: np.random.Generator, sr: int) -> None:
     """White noise of peak `floor` added in place, cut from the shared texture bank."""
     n = len(out)
-    hiss = _cut_texture(_noise_bank("white", 1 << max(n - 1, 1).bit_length(), sr), rng, _buf("floor", n, np.float32))
+    hiss = _cut_texture(_noise_bank("white", _bank_length(n), sr), rng, _buf("floor", n, np.float32))
     hiss *= np.float32(floor)
     out += hiss
 
