@@ -143,7 +143,7 @@ def _render_layer(kind: str, value: str, modulation: str, spec: ClipSpec, sr: in
         else:
             _swept_sine(freq, spec.phase, sr, dst)
     elif kind == "noise":
-        bank = _noise_bank(value, max(_bank_length(n), _bank_length(clip_samples)), sr)
+        bank = _noise_bank(value, _bank_length(clip_samples), sr)   # an event never outlasts its clip
         _cut_texture(bank, rng, dst)
         if rng.random() < 0.5:
             np.negative(dst, out=dst)
