@@ -82,6 +82,14 @@ def test_every_layout_parses(data, tmp_path):
         B.read_benchmark("vggsound", str(bad))
 
 
+def test_a_folder_holds_the_same_audio_for_the_cli_and_the_benchmark_reader(tmp_path):
+    # one list of audio file types (clapjax.audio.io): the original GTZAN's .au files are audio to both
+    from clapjax.app import cli
+    root = S.write_gtzan(str(tmp_path / "gtzan"), original=True)
+    listed = cli.audio_paths([root])
+    assert len(listed) == 10 and sorted(listed) == sorted(B.read_benchmark("gtzan", root).files)
+
+
 def test_eval_prints_a_table_per_benchmark_and_json(first_run):
     out, printed = first_run
     assert list(out) == list(BENCHES)

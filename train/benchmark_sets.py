@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from clapjax.audio.io import AUDIO_EXTENSIONS
+
 SOUND_PROMPT = "This is a sound of {}."   # LAION's eval_zeroshot_classification.py, every set but GTZAN
 SONG_PROMPT = "This is a {} song."        # the same script, GTZAN
 README_PROMPT = "This is a sound of {}"   # LAION's README ESC-50 example: "This is a sound of " + label
@@ -48,7 +50,6 @@ GTZAN_CLASSES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "me
 
 CAPTIONS_PER_CLIP = 5                                  # Clotho and AudioCaps test: LAION's 5-caption protocol
 AUDIOCAPS_PATTERN = "{youtube_id}_{start_time}.wav"    # default clip name under the AudioCaps directory
-AUDIO_EXTENSIONS = (".wav", ".au", ".flac", ".mp3", ".ogg")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus")
 DEFAULT_TEMPLATE = "This is a sound of {}."
 BAD_FILES_EXIT = 1  # some files could not be read (and --allow-bad-files was not given); the rest were embedded
 
@@ -21,6 +20,7 @@ def _progress(iterable, total: int, desc: str):
 
 def audio_paths(items: list[str]) -> list[str]:
     """Files as given; folders expanded recursively to their audio files, sorted."""
+    from clapjax.audio.io import AUDIO_EXTENSIONS
     out = []
     for item in items:
         if os.path.isdir(item):

@@ -44,6 +44,11 @@ def check_waveform(x, what: str = "waveform") -> np.ndarray:
     return x
 
 
+# What a folder of audio means (the CLI's folder arguments, GTZAN's genre folders): the file types
+# `load_audio` decodes through libsndfile or audioread. `.au` is GTZAN's.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+
+
 def load_audio(path: str | os.PathLike, sr: int = 48000) -> np.ndarray:
     """Decode any file librosa reads (wav, flac, ogg, mp3 with libsndfile ≥ 1.1, ...) to float32 mono.
 
